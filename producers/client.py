@@ -1,0 +1,90 @@
+"""The client services import to enqueue jobs: `from producers import Client`.
+
+    client = Client.from_env()
+    job_id = client.submit({"feature": "support-triage", "prompt": "...",
+                            "output_schema": "ticket_triage"})
+    view = client.wait(job_id, timeout_s=60)
+
+`submit()` validates the envelope before anything is written, writes the job to the
+ledger, then sends a small message (the id) to the triage queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from celery import Celery
+
+from tierfleet import constants as C
+from tierfleet.db import Ledger, engine_from_settings
+from tierfleet.envelope import JobSpec, parse_envelope
+from tierfleet.metrics import Metrics
+from tierfleet.settings import Settings
+from tierfleet.store import JobView, get_job, insert_job, job_status
+from tierfleet.transport import make_celery
+
+
+class WaitTimeout(TimeoutError):
+    """`Client.wait()` gave up before the job finished."""
+
+
+class Client:
+    def __init__(
+        self, settings: Settings, ledger: Ledger, celery: Celery, metrics: Metrics | None = None
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.celery = celery
+        self.metrics = metrics or Metrics.from_settings(settings)
+
+    @classmethod
+    def from_env(cls) -> Client:
+        settings = Settings.from_env()
+        return cls(settings, Ledger(engine_from_settings(settings)), make_celery(settings))
+
+    def __repr__(self) -> str:
+        return f"Client(database={self.ledger.dialect}, queue={self.settings.queue_triage!r})"
+
+    def submit(self, envelope: Mapping[str, Any], *, batch_id: str | None = None) -> str:
+        """Enqueue one job and return its id. Raises `InvalidEnvelope` naming the field.
+
+        Idempotent on `idempotency_key` (and on `id`): a resubmit returns the existing
+        job's id and enqueues nothing new, unless that job never left `queued`, in which
+        case its triage message is sent again (triage ignores duplicates)."""
+        spec = parse_envelope(envelope)
+        return self.submit_spec(spec, batch_id=batch_id)
+
+    def submit_spec(self, spec: JobSpec, *, batch_id: str | None = None) -> str:
+        with self.ledger.session() as s:
+            job_id, created = insert_job(s, spec, batch_id=batch_id)
+            still_queued = created or job_status(s, job_id) == C.JobStatus.QUEUED
+        if still_queued:
+            self.celery.send_task(C.TASK_TRIAGE, args=[job_id], queue=self.settings.queue_triage)
+        if created:
+            self.metrics.job_submitted(feature=spec.feature, route=spec.route)
+        return job_id
+
+    def get(self, job_id: str) -> JobView:
+        """Status, tier, result, attempts and cost so far. Raises `JobNotFound`."""
+        with self.ledger.session() as s:
+            return get_job(s, job_id)
+
+    def wait(self, job_id: str, timeout_s: float = 300.0) -> JobView:
+        """Block until the job is terminal; raise `WaitTimeout` after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.02
+        while True:
+            view = self.get(job_id)
+            if view.terminal:
+                return view
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(f"job {job_id} still {view.status.value} after {timeout_s}s")
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 0.5)
+
+    def close(self) -> None:
+        self.ledger.engine.dispose()
+        self.celery.close()
+

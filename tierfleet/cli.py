@@ -1,0 +1,152 @@
+"""The `tierfleet` command line.
+
+Exit codes: 0 success; 1 the work ran but some of it failed; 2 bad usage or bad input;
+3 a service (Redis, Postgres) did not answer; 4 not found.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from tierfleet.errors import ConfigurationError, JobNotFound, TierfleetError
+from tierfleet.settings import Settings
+
+
+class Exit(enum.IntEnum):
+    OK = 0
+    WORK_FAILED = 1
+    USAGE = 2
+    UNAVAILABLE = 3
+    NOT_FOUND = 4
+
+
+app = typer.Typer(
+    help="tierfleet: run LLM jobs on the cheapest model tier that passes validation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="The ledger database.", no_args_is_help=True)
+job_app = typer.Typer(help="Look at single jobs.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(job_app, name="job")
+
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return Settings.from_env(**overrides)
+    except ValidationError as exc:
+        for e in exc.errors():
+            name = ".".join(str(p) for p in e["loc"])
+            err.print(f"[red]error:[/] setting {name}: {e['msg']}")
+        raise typer.Exit(Exit.USAGE) from None
+
+
+def _fail(message: str, code: Exit) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+@app.command()
+def demo(
+    jobs: Annotated[int, typer.Option(min=1, envvar="TIERFLEET_DEMO_JOBS",
+                                      help="How many example jobs to run.")] = 200,
+    concurrency: Annotated[int, typer.Option(min=1, envvar="TIERFLEET_DEMO_CONCURRENCY",
+                                             help="Worker threads.")] = 16,
+) -> None:
+    """Run the example batch through the whole fleet in this process, and report.
+
+    With nothing configured it uses SQLite, an in-process broker and simulated models;
+    with REDIS_URL and DATABASE_URL set it uses them. The last line is the summary."""
+    from tierfleet.demo import run_demo
+    from tierfleet.logs import setup_logging
+
+    settings = _settings()
+    setup_logging("WARNING")
+    try:
+        row = run_demo(settings, jobs=jobs, concurrency=concurrency, console=Console())
+    except ConfigurationError as exc:
+        raise _fail(str(exc), Exit.USAGE) from None
+    print(row.summary_line())
+
+
+@app.command()
+def worker(
+    pool: Annotated[str, typer.Option(envvar="TIERFLEET_POOL",
+                                      help="Which queues: triage, slm, frontier or all.")] = "all",
+    concurrency: Annotated[int | None, typer.Option(min=1, envvar="TIERFLEET_WORKER_CONCURRENCY",
+                                                    help="Processes (default: CPU count).")] = None,
+    loglevel: Annotated[str, typer.Option(envvar="TIERFLEET_LOG_LEVEL")] = "INFO",
+) -> None:
+    """Run a Celery worker for one pool (needs REDIS_URL and DATABASE_URL)."""
+    from tierfleet.logs import setup_logging
+    from workers.app import POOLS, create_app, queues_for_pool
+
+    if pool not in POOLS:
+        raise _fail(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}", Exit.USAGE)
+    settings = _settings()
+    setup_logging(loglevel)
+    try:
+        celery = create_app(settings)
+        from workers.runtime import Runtime
+
+        Runtime.build(settings, celery).ledger.engine.dispose()  # fail fast on bad config
+    except ConfigurationError as exc:
+        raise _fail(str(exc), Exit.USAGE) from None
+    argv = ["worker", "-Q", ",".join(queues_for_pool(settings, pool)), "--loglevel", loglevel,
+            "-n", f"{pool}@%h", "--without-gossip", "--without-mingle"]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    celery.worker_main(argv)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Create or migrate the ledger schema (DATABASE_URL) with Alembic."""
+    from sqlalchemy.exc import OperationalError
+
+    from tierfleet.db import upgrade
+    from tierfleet.settings import redact_url
+
+    settings = _settings()
+    url = settings.database_url_value()
+    if url is None:
+        raise _fail("DATABASE_URL is not set", Exit.USAGE)
+    try:
+        upgrade(url, revision)
+    except OperationalError as exc:
+        raise _fail(f"cannot reach {redact_url(url)}: {exc.orig}", Exit.UNAVAILABLE) from None
+    err.print(f"ledger at {redact_url(url)} is at revision {revision}")
+
+
+@job_app.command("get")
+def job_get(job_id: str) -> None:
+    """Print a job's status, tier, result, attempts and cost, as JSON."""
+    from tierfleet.db import Ledger, engine_from_settings
+    from tierfleet.store import get_job
+
+    settings = _settings()
+    try:
+        ledger = Ledger(engine_from_settings(settings))
+        with ledger.session() as s:
+            view = get_job(s, job_id)
+    except JobNotFound as exc:
+        raise _fail(str(exc), Exit.NOT_FOUND) from None
+    except TierfleetError as exc:
+        raise _fail(str(exc), Exit.USAGE) from None
+    print(json.dumps(view.to_dict(), indent=2, default=str))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,76 @@
+"""Every name that crosses a process boundary: queues, tasks, Redis keys, metrics.
+
+Producers and workers agree on these and nothing else; change one here and both sides
+move together.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+ENVELOPE_VERSION: Final = 1
+
+# Tiers, cheapest first. The ladder a job climbs on escalation is `TIER_LADDER`.
+TIER_SLM: Final = "slm"
+TIER_FRONTIER: Final = "frontier"
+TIER_LADDER: Final[tuple[str, ...]] = (TIER_SLM, TIER_FRONTIER)
+ROUTE_AUTO: Final = "auto"
+
+# Default queue names (overridable in settings: TIERFLEET_QUEUE_TRIAGE, ...).
+QUEUE_TRIAGE: Final = "triage"
+QUEUE_SLM: Final = "tier.slm"
+QUEUE_FRONTIER: Final = "tier.frontier"
+
+# Celery task names. Producers send by name; they never import the worker code.
+TASK_TRIAGE: Final = "tierfleet.triage"
+TASK_ATTEMPT: Final = "tierfleet.attempt"
+
+# Redis keys the fleet itself owns (Celery's own keys are the queue names above).
+REDIS_PREFIX: Final = "tierfleet:"
+REDIS_KEY_HEARTBEAT: Final = REDIS_PREFIX + "heartbeat:{worker}"
+
+# Metrics (DogStatsD). Tags: tier, model_name, model_provider, feature, outcome.
+METRIC_PREFIX: Final = "tierfleet."
+METRIC_JOBS_SUBMITTED: Final = METRIC_PREFIX + "jobs.submitted"
+METRIC_JOBS_FINISHED: Final = METRIC_PREFIX + "jobs.finished"
+METRIC_ATTEMPTS: Final = METRIC_PREFIX + "attempts"
+METRIC_ESCALATIONS: Final = METRIC_PREFIX + "escalations"
+METRIC_TOKENS_INPUT: Final = METRIC_PREFIX + "tokens.input"
+METRIC_TOKENS_OUTPUT: Final = METRIC_PREFIX + "tokens.output"
+METRIC_TOKENS_CACHE_READ: Final = METRIC_PREFIX + "tokens.cache_read"
+METRIC_TOKENS_CACHE_WRITE: Final = METRIC_PREFIX + "tokens.cache_write"
+METRIC_COST_USD: Final = METRIC_PREFIX + "cost_usd"
+METRIC_ATTEMPT_LATENCY_MS: Final = METRIC_PREFIX + "attempt.latency_ms"
+METRIC_JOB_DURATION_MS: Final = METRIC_PREFIX + "job.duration_ms"
+METRIC_QUEUE_DEPTH: Final = METRIC_PREFIX + "queue.depth"
+METRIC_QUEUE_UNACKED: Final = METRIC_PREFIX + "queue.unacked"
+
+
+class JobStatus(enum.StrEnum):
+    """A job's place in its life. Terminal: succeeded, failed, cancelled."""
+
+    QUEUED = "queued"
+    TRIAGED = "triaged"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES: Final = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class Outcome(enum.StrEnum):
+    """What one attempt came to."""
+
+    SUCCEEDED = "succeeded"  # a valid answer
+    INVALID = "invalid"  # answer failed validation (parse, schema, rules, length stop)
+    LOW_CONFIDENCE = "low_confidence"  # valid, but token logprobs under the threshold
+    TIMEOUT = "timeout"  # the call exceeded the tier's timeout
+    ERROR = "error"  # a transient provider fault (429, 529, 5xx, connection)
+    FAILED = "failed"  # a permanent fault (bad request, auth)

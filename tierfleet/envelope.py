@@ -1,0 +1,194 @@
+"""The job envelope: validation against `schemas/job.schema.json`, and the normalised job.
+
+`parse_envelope()` is the one gate every producer goes through. It either returns a
+`JobSpec` that workers can run without further checks, or raises `InvalidEnvelope`
+naming the field, before anything is written anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+from jsonschema.exceptions import SchemaError, ValidationError, best_match
+
+from tierfleet import constants as C
+from tierfleet.errors import InvalidEnvelope
+from tierfleet.resources import schemas_dir
+
+MAX_ENVELOPE_BYTES = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A valid, normalised job: what the ledger stores and the workers run."""
+
+    id: str
+    feature: str
+    messages: tuple[Mapping[str, str], ...]
+    system: str | None = None
+    output_schema: Mapping[str, Any] | None = None
+    output_schema_name: str | None = None
+    max_tokens: int = 512
+    temperature: float = 0.0
+    route: str = C.ROUTE_AUTO
+    latency: str = "interactive"
+    idempotency_key: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON document stored in `jobs.payload`; `from_payload` reads it back."""
+        return {
+            "schema_version": C.ENVELOPE_VERSION,
+            "messages": [dict(m) for m in self.messages],
+            "system": self.system,
+            "output_schema": self.output_schema,
+            "output_schema_name": self.output_schema_name,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_row(
+        cls, *, id: str, feature: str, route: str, latency: str, payload: Mapping[str, Any]
+    ) -> JobSpec:
+        return cls(
+            id=id,
+            feature=feature,
+            route=route,
+            latency=latency,
+            messages=tuple(payload["messages"]),
+            system=payload.get("system"),
+            output_schema=payload.get("output_schema"),
+            output_schema_name=payload.get("output_schema_name"),
+            max_tokens=payload["max_tokens"],
+            temperature=payload["temperature"],
+            metadata=payload.get("metadata") or {},
+        )
+
+    @property
+    def prompt_chars(self) -> int:
+        return len(self.system or "") + sum(len(m["content"]) for m in self.messages)
+
+    @property
+    def estimated_prompt_tokens(self) -> int:
+        """A tokenizer-free upper estimate (about four characters a token)."""
+        return self.prompt_chars // 4 + 4 * len(self.messages) + 8
+
+
+@functools.cache
+def _envelope_validator() -> jsonschema.protocols.Validator:
+    schema = json.loads((schemas_dir() / "job.schema.json").read_text(encoding="utf-8"))
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)  # type: ignore[no-any-return]
+
+
+@functools.cache
+def named_output_schema(name: str) -> Mapping[str, Any]:
+    path: Path = schemas_dir() / "outputs" / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in (schemas_dir() / "outputs").glob("*.json"))
+        raise InvalidEnvelope(
+            f"unknown output schema {name!r}; known: {', '.join(known) or 'none'}",
+            field="output_schema",
+        )
+    schema: Mapping[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return schema
+
+
+def _field_path(error: ValidationError) -> str:
+    out = ""
+    for part in error.absolute_path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(error: ValidationError) -> tuple[str, str]:
+    """A message a person can act on, and the field it is about."""
+    path = _field_path(error)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = set(error.schema.get("properties", {}))
+        extra = sorted(k for k in error.instance if k not in allowed)
+        where = f"{path}.{extra[0]}" if path and extra else (extra[0] if extra else path)
+        return f"unknown field {extra[0]!r}" if extra else error.message, where
+    if error.validator == "oneOf" and not path:
+        has = [k for k in ("messages", "prompt") if k in error.instance]
+        msg = (
+            "give either 'messages' or 'prompt', not both"
+            if len(has) == 2
+            else "one of 'messages' or 'prompt' is required"
+        )
+        return msg, "messages" if has else "prompt"
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else ""
+        return f"required field {missing!r} is missing", f"{path}.{missing}".lstrip(".")
+    return error.message, path
+
+
+def check_output_schema(schema: Any, field_name: str = "output_schema") -> None:
+    if not isinstance(schema, Mapping):
+        raise InvalidEnvelope("must be a JSON Schema object", field=field_name)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        where = ".".join(str(p) for p in exc.absolute_path)
+        raise InvalidEnvelope(
+            f"is not a valid JSON Schema: {exc.message}" + (f" (at {where})" if where else ""),
+            field=field_name,
+        ) from None
+
+
+def parse_envelope(data: Any, *, tiers: Sequence[str] = C.TIER_LADDER) -> JobSpec:
+    """Validate one envelope and normalise it; raise `InvalidEnvelope` naming the field."""
+    if not isinstance(data, Mapping):
+        raise InvalidEnvelope(f"a job envelope is a JSON object, not {type(data).__name__}")
+    error = best_match(_envelope_validator().iter_errors(data))
+    if error is not None:
+        message, where = _describe(error)
+        raise InvalidEnvelope(message, field=where)
+
+    route = data.get("route", C.ROUTE_AUTO)
+    if route != C.ROUTE_AUTO and route not in tiers:
+        raise InvalidEnvelope(
+            f"unknown tier {route!r}; use 'auto' or one of: {', '.join(tiers)}", field="route"
+        )
+
+    schema_name: str | None = None
+    output_schema = data.get("output_schema")
+    if isinstance(output_schema, str):
+        schema_name = output_schema
+        output_schema = named_output_schema(schema_name)
+    if output_schema is not None:
+        check_output_schema(output_schema)
+
+    if "messages" in data:
+        messages = tuple({"role": m["role"], "content": m["content"]} for m in data["messages"])
+        if messages[-1]["role"] != "user":
+            raise InvalidEnvelope(
+                "the last message must be the user's", field=f"messages[{len(messages) - 1}].role"
+            )
+    else:
+        messages = ({"role": "user", "content": data["prompt"]},)
+
+    return JobSpec(
+        id=data.get("id") or str(uuid.uuid4()),
+        feature=data["feature"],
+        messages=messages,
+        system=data.get("system"),
+        output_schema=output_schema,
+        output_schema_name=schema_name,
+        max_tokens=data.get("max_tokens", 512),
+        temperature=float(data.get("temperature", 0.0)),
+        route=route,
+        latency=data.get("latency", "interactive"),
+        idempotency_key=data.get("idempotency_key"),
+        metadata=data.get("metadata") or {},
+    )

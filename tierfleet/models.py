@@ -1,0 +1,145 @@
+"""The ledger: `batches`, `jobs`, `attempts` (SQLAlchemy 2 models).
+
+Postgres is the system of record; Alembic in `migrations/` creates it and a test keeps
+the migrations equal to these models. Money is `Numeric(18, 8)` USD, never float.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from tierfleet.constants import JobStatus, Outcome
+
+JSONDoc = JSON().with_variant(JSONB(), "postgresql")
+USD = Numeric(18, 8)
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def _enum(cls: type[JobStatus] | type[Outcome], name: str) -> Enum:
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
+
+
+def _now() -> Any:
+    return DateTime(timezone=True)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    feature: Mapped[str | None] = mapped_column(String(100))
+    options: Mapped[dict[str, Any]] = mapped_column(JSONDoc, default=dict)
+    job_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
+
+    __table_args__ = (Index(None, "created_at"),)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    feature: Mapped[str] = mapped_column(String(100))
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"))
+    route: Mapped[str] = mapped_column(String(32))
+    latency: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    tier: Mapped[str | None] = mapped_column(String(32))
+    triage_score: Mapped[float | None] = mapped_column(Float)
+    triage_reason: Mapped[str | None] = mapped_column(String(200))
+    triage_version: Mapped[str | None] = mapped_column(String(64))
+    result: Mapped[Any | None] = mapped_column(JSONDoc)
+    error: Mapped[str | None] = mapped_column(Text)
+    cost_usd: Mapped[Decimal] = mapped_column(USD, default=Decimal(0))
+    attempt_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        _now(), server_default=func.now(), onupdate=func.now()
+    )
+    finished_at: Mapped[dt.datetime | None] = mapped_column(_now())
+
+    attempts: Mapped[list[Attempt]] = relationship(
+        back_populates="job", order_by="Attempt.seq", lazy="raise"
+    )
+
+    __table_args__ = (
+        Index(None, "batch_id", "status"),
+        Index(None, "status", "updated_at"),
+        Index(None, "feature", "created_at"),
+        Index(None, "created_at"),
+    )
+
+
+class Attempt(Base):
+    __tablename__ = "attempts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    tier: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(200))
+    provider: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[Outcome] = mapped_column(_enum(Outcome, "attempt_outcome"))
+    error: Mapped[str | None] = mapped_column(Text)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_read_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_ms: Mapped[int] = mapped_column(Integer)
+    cost_usd: Mapped[Decimal] = mapped_column(USD)
+    mean_logprob: Mapped[float | None] = mapped_column(Float)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    feature: Mapped[str] = mapped_column(String(100))
+    started_at: Mapped[dt.datetime] = mapped_column(_now())
+    created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
+
+    job: Mapped[Job] = relationship(back_populates="attempts", lazy="raise")
+
+    __table_args__ = (
+        Index(None, "job_id", "seq", unique=True),
+        Index(None, "created_at"),
+        Index(None, "feature", "created_at"),
+        Index(None, "tier", "created_at"),
+    )

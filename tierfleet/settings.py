@@ -1,0 +1,142 @@
+"""One typed settings object, built once at start-up from the environment.
+
+Nothing here reads the environment at import time: call `Settings.from_env()` where a
+process starts (the CLI, the worker, `Client.from_env()`), and pass the object down.
+Secrets (`ANTHROPIC_API_KEY`, passwords inside `DATABASE_URL` / `REDIS_URL`) are
+`SecretStr`: they print as `**********` in reprs and logs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tierfleet import constants as C
+
+BackendMode = Literal["auto", "sim", "real"]
+
+
+def _alias(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    """Every knob of the fleet. Environment names are in the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TIERFLEET_", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    # Connections. Bare names, as every deployment tool spells them.
+    redis_url: SecretStr | None = Field(None, validation_alias=_alias("REDIS_URL"))
+    database_url: SecretStr | None = Field(None, validation_alias=_alias("DATABASE_URL"))
+    vllm_base_url: str | None = Field(None, validation_alias=_alias("VLLM_BASE_URL"))
+    anthropic_api_key: SecretStr | None = Field(
+        None, validation_alias=_alias("ANTHROPIC_API_KEY")
+    )
+    anthropic_base_url: str | None = Field(None, validation_alias=_alias("ANTHROPIC_BASE_URL"))
+    dd_agent_host: str | None = Field(None, validation_alias=_alias("DD_AGENT_HOST"))
+    dd_dogstatsd_port: int = Field(8125, validation_alias=_alias("DD_DOGSTATSD_PORT"))
+
+    # `sim` forces simulated backends; `auto` uses them unless VLLM_BASE_URL /
+    # ANTHROPIC_API_KEY are set; `real` refuses to start without them.
+    backend: BackendMode = Field("auto", validation_alias=_alias("TIERFLEET_BACKEND"))
+
+    queue_triage: str = C.QUEUE_TRIAGE
+    queue_slm: str = C.QUEUE_SLM
+    queue_frontier: str = C.QUEUE_FRONTIER
+
+    slm_model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    frontier_model: str = "claude-sonnet-4-5"
+
+    # Triage.
+    slm_context_tokens: int = Field(8192, gt=0)
+    triage_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    pinned_features: dict[str, str] = Field(default_factory=dict)
+
+    # Timeouts and retries.
+    slm_timeout_base_s: float = Field(2.0, gt=0)
+    slm_timeout_per_token_s: float = Field(0.02, ge=0)
+    frontier_timeout_s: float = Field(120.0, gt=0)
+    frontier_max_attempts: int = Field(2, ge=1)
+    max_transient_retries: int = Field(5, ge=0)
+    retry_base_delay_s: float = Field(1.0, ge=0)
+    retry_max_delay_s: float = Field(60.0, ge=0)
+    visibility_timeout_s: int = Field(3600, gt=0)
+    min_mean_logprob: float | None = None
+
+    prices_file: Path | None = None
+
+    # Simulated backends.
+    sim_latency_s: float = Field(0.2, ge=0, validation_alias=_alias("TIERFLEET_SIM_LATENCY_S"))
+    sim_invalid_rate: float = Field(
+        0.15, ge=0, le=1, validation_alias=_alias("TIERFLEET_SIM_INVALID_RATE")
+    )
+    sim_frontier_invalid_rate: float = Field(0.0, ge=0, le=1)
+    sim_seed: int = 0
+
+    worker_concurrency: int | None = Field(None, gt=0)
+    log_level: str = "INFO"
+
+    @field_validator("pinned_features")
+    @classmethod
+    def _known_tiers(cls, value: dict[str, str]) -> dict[str, str]:
+        for feature, tier in value.items():
+            if tier not in C.TIER_LADDER:
+                raise ValueError(
+                    f"feature {feature!r} is pinned to unknown tier {tier!r}; "
+                    f"tiers are {', '.join(C.TIER_LADDER)}"
+                )
+        return value
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        return cls(**overrides)  # type: ignore[arg-type]
+
+    # -- derived -------------------------------------------------------------
+
+    @property
+    def use_sim_backends(self) -> bool:
+        if self.backend == "sim":
+            return True
+        if self.backend == "real":
+            return False
+        return self.vllm_base_url is None and self.anthropic_api_key is None
+
+    def queue_for(self, tier: str) -> str:
+        queues = {C.TIER_SLM: self.queue_slm, C.TIER_FRONTIER: self.queue_frontier}
+        return queues[tier]
+
+    def model_for(self, tier: str) -> str:
+        return {C.TIER_SLM: self.slm_model, C.TIER_FRONTIER: self.frontier_model}[tier]
+
+    def slm_timeout_s(self, max_tokens: int) -> float:
+        return self.slm_timeout_base_s + self.slm_timeout_per_token_s * max_tokens
+
+    def database_url_value(self) -> str | None:
+        return _sqlalchemy_url(self.database_url.get_secret_value()) if self.database_url else None
+
+    def redis_url_value(self) -> str | None:
+        return self.redis_url.get_secret_value() if self.redis_url else None
+
+
+def _sqlalchemy_url(url: str) -> str:
+    """Accept `postgres://` and `postgresql://` and pick the psycopg 3 driver."""
+    parts = urlsplit(url)
+    if parts.scheme in ("postgres", "postgresql"):
+        return urlunsplit(parts._replace(scheme="postgresql+psycopg"))
+    return url
+
+
+def redact_url(url: str) -> str:
+    """`scheme://user:***@host/db`: a URL safe to print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

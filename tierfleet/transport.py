@@ -1,0 +1,56 @@
+"""The Celery application both sides share: broker, serialisation and durability settings.
+
+Producers use it only to send messages by task name; workers register their tasks on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from tierfleet import constants as C
+from tierfleet.errors import ConfigurationError
+from tierfleet.settings import Settings
+
+IN_PROCESS_BROKER = "memory://"
+
+
+def make_celery(settings: Settings, *, broker_url: str | None = None) -> Celery:
+    """A configured Celery app. `broker_url` overrides REDIS_URL (the demo's memory://)."""
+    url = broker_url or settings.redis_url_value()
+    if url is None:
+        raise ConfigurationError("REDIS_URL is not set; e.g. redis://127.0.0.1:6379/0")
+    app = Celery("tierfleet", set_as_current=False)
+    app.conf.update(_conf(settings, url))
+    return app
+
+
+def all_queues(settings: Settings) -> list[str]:
+    return [settings.queue_triage, settings.queue_slm, settings.queue_frontier]
+
+
+def _conf(settings: Settings, broker_url: str) -> dict[str, Any]:
+    return {
+        "broker_url": broker_url,
+        "broker_connection_retry_on_startup": True,
+        # Longer than the longest call plus its retries: a message is redelivered
+        # only when its worker really died.
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # Durability: ack after the work is durable; a killed worker's message returns.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.queue_triage,
+        "task_queues": [Queue(name) for name in all_queues(settings)],
+        "task_create_missing_queues": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "enable_utc": True,
+    }

@@ -1,0 +1,266 @@
+"""The two steps of a job's life in a worker: triage it, and run one attempt on a tier.
+
+Each step reads what it needs by primary key, does its work, writes the outcome in one
+transaction, and only then says what message comes next. Steps are idempotent: a message
+for a job that has moved on (terminal, or escalated past this tier) does nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from tierfleet.constants import TERMINAL_STATUSES, JobStatus, Outcome
+from tierfleet.envelope import JobSpec
+from tierfleet.errors import (
+    InvalidOutput,
+    PermanentError,
+    ProviderTimeout,
+    RetryableError,
+)
+from tierfleet.models import Attempt, Job
+from tierfleet.prices import Usage
+from workers.policy import Action, Decision
+from workers.runtime import Runtime
+from workers.validation import LOW_CONFIDENCE_RULE, validate
+
+log = logging.getLogger("tierfleet.worker")
+
+_ANSWERED = (Outcome.SUCCEEDED, Outcome.INVALID, Outcome.LOW_CONFIDENCE)
+_TRANSIENT = (Outcome.ERROR, Outcome.TIMEOUT)
+
+
+@dataclass(frozen=True, slots=True)
+class Next:
+    """The message to send once the step's transaction has committed."""
+
+    tier: str
+    delay_s: float = 0.0
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def triage_job(rt: Runtime, job_id: str) -> Next | None:
+    with rt.ledger.session() as s:
+        row = s.execute(
+            select(Job.feature, Job.route, Job.latency, Job.payload, Job.status).where(
+                Job.id == job_id
+            )
+        ).one_or_none()
+        if row is None:
+            log.warning("job not found", extra={"action": "triage.missing", "job_id": job_id})
+            return None
+        if row.status != JobStatus.QUEUED:
+            return None  # already triaged: a duplicate message
+        spec = JobSpec.from_row(
+            id=job_id, feature=row.feature, route=row.route, latency=row.latency, payload=row.payload
+        )
+        decision = rt.triage.decide(spec)
+        moved = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+            .values(
+                status=JobStatus.TRIAGED,
+                tier=decision.tier,
+                triage_score=decision.score,
+                triage_reason=decision.reason,
+                triage_version=decision.version,
+            )
+        ).rowcount
+    if not moved:
+        return None
+    log.info(
+        "triaged",
+        extra={"action": "triage.done", "job_id": job_id, "tier": decision.tier,
+               "feature": spec.feature, "reason": decision.reason},
+    )
+    return Next(decision.tier)
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    spec: JobSpec
+    seq: int
+    created_at: dt.datetime
+
+
+def _claim(rt: Runtime, job_id: str, tier: str) -> _Claimed | None:
+    """Mark the job running on `tier`, in one statement; None when the job moved on."""
+    with rt.ledger.session() as s:
+        row = s.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.tier == tier,
+                Job.status.in_([JobStatus.TRIAGED, JobStatus.RUNNING]),
+            )
+            .values(status=JobStatus.RUNNING)
+            .returning(
+                Job.feature, Job.route, Job.latency, Job.payload, Job.attempt_count, Job.created_at
+            )
+        ).one_or_none()
+    if row is None:
+        return None
+    spec = JobSpec.from_row(
+        id=job_id, feature=row.feature, route=row.route, latency=row.latency, payload=row.payload
+    )
+    return _Claimed(spec, row.attempt_count + 1, row.created_at)
+
+
+def _call(rt: Runtime, spec: JobSpec, tier: str) -> tuple[Outcome, Any, Usage, str, Any]:
+    """Call the tier's model and validate. Returns (outcome, result, usage, error, extra)."""
+    backend = rt.backends[tier]
+    timeout_s = (
+        rt.settings.slm_timeout_s(spec.max_tokens)
+        if tier == rt.policy.ladder[0]
+        else rt.settings.frontier_timeout_s
+    )
+    try:
+        completion = backend.complete(spec, timeout_s=timeout_s)
+    except ProviderTimeout as exc:
+        return Outcome.TIMEOUT, None, Usage(), str(exc), (None, None, exc.retry_after_s)
+    except RetryableError as exc:
+        return Outcome.ERROR, None, Usage(), str(exc), (None, None, exc.retry_after_s)
+    except PermanentError as exc:
+        return Outcome.FAILED, None, Usage(), str(exc), (None, None, None)
+    is_top = tier == rt.policy.ladder[-1]
+    extra = (completion.finish_reason, completion.mean_logprob, None)
+    try:
+        result = validate(
+            completion,
+            spec.output_schema,
+            min_mean_logprob=None if is_top else rt.settings.min_mean_logprob,
+        )
+    except InvalidOutput as exc:
+        outcome = Outcome.LOW_CONFIDENCE if exc.rule == LOW_CONFIDENCE_RULE else Outcome.INVALID
+        return outcome, None, completion.usage, str(exc), extra
+    return Outcome.SUCCEEDED, result, completion.usage, "", extra
+
+
+def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
+    claimed = _claim(rt, job_id, tier)
+    if claimed is None:
+        return None
+    spec = claimed.spec
+    backend = rt.backends[tier]
+    started_at = _now()
+    t0 = time.perf_counter()
+    outcome, result, usage, error, (finish_reason, logprob, retry_after) = _call(rt, spec, tier)
+    latency_ms = round((time.perf_counter() - t0) * 1000)
+    cost = rt.prices[backend.model].cost_usd(usage)
+
+    with rt.ledger.session() as s:
+        decision = _decide(rt, s, job_id, tier, outcome, error, retry_after)
+        s.add(
+            Attempt(
+                id=str(uuid.uuid4()),
+                job_id=job_id,
+                seq=claimed.seq,
+                tier=tier,
+                model=backend.model,
+                provider=backend.provider,
+                outcome=outcome,
+                error=error or None,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cache_read_tokens=usage.cache_read_tokens,
+                cache_write_tokens=usage.cache_write_tokens,
+                latency_ms=latency_ms,
+                cost_usd=cost,
+                mean_logprob=logprob,
+                finish_reason=finish_reason,
+                feature=spec.feature,
+                started_at=started_at,
+            )
+        )
+        s.flush()
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.not_in(list(TERMINAL_STATUSES)))
+            .values(
+                cost_usd=Job.cost_usd + cost,
+                attempt_count=Job.attempt_count + 1,
+                **_job_changes(decision, result),
+            )
+        )
+
+    rt.metrics.attempt(
+        tier=tier, model=backend.model, provider=backend.provider, feature=spec.feature,
+        outcome=outcome.value, usage=usage, cost_usd=cost, latency_ms=latency_ms,
+    )
+    log.info(
+        "attempt",
+        extra={"action": "attempt.done", "job_id": job_id, "tier": tier, "feature": spec.feature,
+               "outcome": outcome.value, "decision": decision.action.value},
+    )
+    return _follow(rt, spec, tier, outcome, decision, claimed.created_at)
+
+
+def _decide(
+    rt: Runtime, s: Any, job_id: str, tier: str, outcome: Outcome, error: str,
+    retry_after: float | None,
+) -> Decision:
+    if outcome is Outcome.SUCCEEDED:
+        return Decision(Action.SUCCEED)
+    counts = dict(
+        s.execute(
+            select(Attempt.outcome, func.count())
+            .where(Attempt.job_id == job_id, Attempt.tier == tier)
+            .group_by(Attempt.outcome)
+        ).all()
+    )
+    answered = 1 + sum(counts.get(o, 0) for o in _ANSWERED)
+    transient = sum(counts.get(o, 0) for o in _TRANSIENT)
+    return rt.policy.decide(
+        tier=tier, outcome=outcome, reason=error, answers_on_tier=answered,
+        transient_retries=transient, retry_after_s=retry_after,
+    )
+
+
+def _job_changes(decision: Decision, result: Any) -> dict[str, Any]:
+    if decision.action is Action.SUCCEED:
+        return {"status": JobStatus.SUCCEEDED, "result": result, "error": None,
+                "finished_at": _now()}
+    if decision.action is Action.FAIL:
+        return {"status": JobStatus.FAILED, "error": decision.reason, "finished_at": _now()}
+    if decision.action is Action.ESCALATE:
+        return {"status": JobStatus.TRIAGED, "tier": decision.next_tier}
+    return {"status": JobStatus.TRIAGED}
+
+
+def _follow(
+    rt: Runtime,
+    spec: JobSpec,
+    tier: str,
+    outcome: Outcome,
+    decision: Decision,
+    created_at: dt.datetime,
+) -> Next | None:
+    if decision.action is Action.RETRY:
+        return Next(tier, decision.delay_s)
+    if decision.action is Action.ESCALATE:
+        assert decision.next_tier is not None
+        rt.metrics.escalation(
+            from_tier=tier, to_tier=decision.next_tier, feature=spec.feature,
+            reason=outcome.value,
+        )
+        return Next(decision.next_tier)
+    status = "succeeded" if decision.action is Action.SUCCEED else "failed"
+    duration_ms = _duration_ms(created_at)
+    rt.metrics.job_finished(tier=tier, feature=spec.feature, status=status, duration_ms=duration_ms)
+    return None
+
+
+def _duration_ms(created_at: dt.datetime) -> int:
+    if created_at.tzinfo is None:  # SQLite hands back naive UTC
+        created_at = created_at.replace(tzinfo=dt.UTC)
+    return max(0, round((_now() - created_at).total_seconds() * 1000))
+

@@ -1,0 +1,100 @@
+"""Triage: which tier a job tries first.
+
+In order: an explicit `route` wins; then hard rules (the prompt and its answer do not fit
+the small model's context window; the feature is pinned to a tier); then a scorer's
+p(needs a bigger model) against a threshold. The decision carries its score, its reason
+and the scorer's version, and is recorded on the job.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tierfleet import constants as C
+from tierfleet.envelope import JobSpec
+
+
+class Scorer(Protocol):
+    """p(the job needs a bigger model than the small tier), in [0, 1]."""
+
+    version: str
+
+    def score(self, job: JobSpec) -> float: ...
+
+
+_CODE = re.compile(
+    r"```|\bdef |\bclass |\bfunction\b|\bSELECT\b|\bregex\b|\breturn\b|=>|\bbug\b|\bcompile",
+    re.IGNORECASE,
+)
+_MATH = re.compile(
+    r"\d+\s*[-+*/^%]\s*\d+|\bprove\b|\bprobability\b|\bequation\b|\bcalculate\b|\bintegral\b",
+    re.IGNORECASE,
+)
+_STEPS = re.compile(
+    r"\bstep[- ]by[- ]step\b|\bfirst\b.*\bthen\b|\bexplain why\b|\bplan\b|\btrade-?offs?\b|"
+    r"\bcompare\b|\bjustify\b|^\s*\d+[.)]\s",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleScorer:
+    """A transparent baseline: structure that small models are known to get wrong
+    (code, arithmetic, multi-step reasoning, long free-form answers) raises the score;
+    a constrained output schema lowers it."""
+
+    version: str = "rules-1"
+
+    def score(self, job: JobSpec) -> float:
+        text = "\n".join(m["content"] for m in job.messages)
+        score = 0.15
+        if _CODE.search(text):
+            score += 0.35
+        if _MATH.search(text):
+            score += 0.25
+        if _STEPS.search(text):
+            score += 0.2
+        if job.prompt_chars > 6000:
+            score += 0.1
+        if job.max_tokens >= 1024:
+            score += 0.1
+        if job.output_schema is not None:
+            score -= 0.15
+        return min(1.0, max(0.0, score))
+
+
+@dataclass(frozen=True, slots=True)
+class TriageDecision:
+    tier: str
+    reason: str
+    score: float | None
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Triage:
+    scorer: Scorer
+    threshold: float = 0.5
+    context_tokens: int = 8192
+    pinned_features: Mapping[str, str] = field(default_factory=dict)
+    ladder: tuple[str, ...] = C.TIER_LADDER
+
+    def decide(self, job: JobSpec) -> TriageDecision:
+        version = self.scorer.version
+        small, top = self.ladder[0], self.ladder[-1]
+        if job.route != C.ROUTE_AUTO:
+            return TriageDecision(job.route, "route", None, version)
+        needed = job.estimated_prompt_tokens + job.max_tokens
+        if needed > self.context_tokens:
+            reason = f"context: ~{needed} tokens > {self.context_tokens}"
+            return TriageDecision(top, reason, None, version)
+        pinned = self.pinned_features.get(job.feature)
+        if pinned is not None:
+            return TriageDecision(pinned, "pinned feature", None, version)
+        score = self.scorer.score(job)
+        tier = top if score >= self.threshold else small
+        op = ">=" if tier == top else "<"
+        return TriageDecision(tier, f"score {score:.2f} {op} {self.threshold:.2f}", score, version)
