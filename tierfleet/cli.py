@@ -72,7 +72,10 @@ def demo(
     settings = _settings()
     setup_logging("WARNING")
     try:
-        row = run_demo(settings, jobs=jobs, concurrency=concurrency, console=Console())
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=120)
+        row = run_demo(settings, jobs=jobs, concurrency=concurrency, console=console)
     except ConfigurationError as exc:
         raise _fail(str(exc), Exit.USAGE) from None
     print(row.summary_line())

@@ -146,7 +146,7 @@ def _wait_for_batch(ledger: Ledger, batch_id: str, expected: int, report: Any) -
 def _print_table(console: Console, rows: dict[str, Row]) -> None:
     table = Table(title="Routing and escalations by kind of job (simulated backends)")
     for name in ("kind", "jobs", "→ slm", "→ frontier", "escalated", "succeeded", "failed",
-                 "cost USD", "all-frontier USD", "saved"):
+                 "cost $", "all-frontier $", "saved"):
         table.add_column(name, justify="left" if name == "kind" else "right")
     for kind, row in [*rows.items(), ("all", total(rows))]:
         table.add_row(

@@ -14,7 +14,7 @@ from tierfleet import constants as C
 from tierfleet.errors import ConfigurationError
 from tierfleet.settings import Settings
 
-IN_PROCESS_BROKER = "memory://"
+IN_PROCESS_BROKER = "memory://localhost/"
 
 
 def make_celery(settings: Settings, *, broker_url: str | None = None) -> Celery:
@@ -37,7 +37,7 @@ def _conf(settings: Settings, broker_url: str) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         # Longer than the longest call plus its retries: a message is redelivered
         # only when its worker really died.
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_transport_options": _transport_options(settings, broker_url),
         "result_backend": None,
         "task_ignore_result": True,
         "task_serializer": "json",
@@ -54,3 +54,10 @@ def _conf(settings: Settings, broker_url: str) -> dict[str, Any]:
         "task_send_sent_event": False,
         "enable_utc": True,
     }
+
+
+def _transport_options(settings: Settings, broker_url: str) -> dict[str, Any]:
+    options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
+    if broker_url.startswith("memory://"):
+        options["polling_interval"] = 0.005  # the in-process broker polls; keep it brisk
+    return options

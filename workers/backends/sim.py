@@ -17,12 +17,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import rstr
+
 from tierfleet.envelope import JobSpec
 from tierfleet.errors import ProviderTimeout
 from tierfleet.prices import Usage
 from workers.backends.base import Completion
 
-_STRING_CANDIDATES = ("en", "example", "A1", "2024-01-15", "ok@example.com", "x", "1")
 _WORDS = (
     "the customer reports the order arrived late and the invoice total looks wrong; "
     "we recommend a refund of the shipping fee and a follow-up within two days"
@@ -49,7 +50,8 @@ class SimulatedBackend:
         self.seed = seed
 
     def _rng(self, job: JobSpec) -> random.Random:
-        digest = hashlib.sha256(f"{self.seed}:{job.id}:{self.tier}".encode()).digest()
+        content = json.dumps(job.payload(), sort_keys=True)
+        digest = hashlib.sha256(f"{self.seed}:{self.tier}:{content}".encode()).digest()
         return random.Random(int.from_bytes(digest[:8], "big"))
 
     def complete(self, job: JobSpec, *, timeout_s: float) -> Completion:
@@ -117,7 +119,11 @@ def example_instance(schema: Mapping[str, Any], rng: random.Random, depth: int =
         item = schema.get("items", {})
         low = schema.get("minItems", 1)
         high = max(low, min(schema.get("maxItems", 3), 3))
-        return [example_instance(item, rng, depth + 1) for _ in range(rng.randint(low, high))]
+        items = [example_instance(item, rng, depth + 1) for _ in range(rng.randint(low, high))]
+        if schema.get("uniqueItems"):
+            unique = {json.dumps(i, sort_keys=True): i for i in items}
+            items = list(unique.values())
+        return items
     if kind in ("number", "integer"):
         return _number(schema, rng, integer=kind == "integer")
     if kind == "boolean":
@@ -146,7 +152,8 @@ def _string(schema: Mapping[str, Any], rng: random.Random) -> str:
     low, high = schema.get("minLength", 1), schema.get("maxLength", 80)
     if "pattern" in schema:
         pattern = re.compile(schema["pattern"])
-        for candidate in _STRING_CANDIDATES:
+        for _ in range(20):
+            candidate = rstr.Rstr(rng).xeger(schema["pattern"])
             if pattern.search(candidate) and low <= len(candidate) <= high:
                 return candidate
     words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 8)))
