@@ -87,4 +87,5 @@ class Client:
     def close(self) -> None:
         self.ledger.engine.dispose()
         self.celery.close()
+        self.metrics.close()
 

@@ -172,6 +172,7 @@ class Workers:
 
     procs: list[subprocess.Popen[bytes]]
     log: Path
+    handle: Any
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -197,7 +198,7 @@ def start_workers(
             )
             for pool in (pools or ("all",))
         ]
-        workers = Workers(procs, log)
+        workers = Workers(procs, log, handle)
         started.append(workers)
         return workers
 
@@ -211,6 +212,7 @@ def start_workers(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        workers.handle.close()
 
 
 def wait_until(

@@ -20,6 +20,7 @@ class _Sink(Protocol):
     def increment(self, metric: str, value: float = 1, tags: list[str] | None = None) -> None: ...
     def distribution(self, metric: str, value: float, tags: list[str] | None = None) -> None: ...
     def gauge(self, metric: str, value: float, tags: list[str] | None = None) -> None: ...
+    def close_socket(self) -> None: ...
 
 
 class _NullSink:
@@ -30,6 +31,9 @@ class _NullSink:
         pass
 
     def gauge(self, metric: str, value: float, tags: list[str] | None = None) -> None:
+        pass
+
+    def close_socket(self) -> None:
         pass
 
 
@@ -50,6 +54,9 @@ class Metrics:
             origin_detection_enabled=False,
         )
         return cls(client)
+
+    def close(self) -> None:
+        self._sink.close_socket()
 
     def job_submitted(self, *, feature: str, route: str) -> None:
         self._sink.increment(C.METRIC_JOBS_SUBMITTED, tags=[f"feature:{feature}", f"route:{route}"])
