@@ -190,7 +190,7 @@ def start_workers(
         procs = [
             subprocess.Popen(
                 [sys.executable, "-m", "tierfleet", "worker", "--pool", pool,
-                 "--concurrency", str(concurrency), "--loglevel", "INFO"],
+                 "--concurrency", str(concurrency)],
                 env={**fleet_env, **env},
                 stdout=handle,
                 stderr=subprocess.STDOUT,

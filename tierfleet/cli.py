@@ -139,12 +139,15 @@ def job_get(job_id: str) -> None:
     settings = _settings()
     try:
         ledger = Ledger(engine_from_settings(settings))
+    except TierfleetError as exc:
+        raise _fail(str(exc), Exit.USAGE) from None
+    try:
         with ledger.session() as s:
             view = get_job(s, job_id)
     except JobNotFound as exc:
         raise _fail(str(exc), Exit.NOT_FOUND) from None
-    except TierfleetError as exc:
-        raise _fail(str(exc), Exit.USAGE) from None
+    finally:
+        ledger.engine.dispose()
     print(json.dumps(view.to_dict(), indent=2, default=str))
 
 

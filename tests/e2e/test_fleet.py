@@ -62,8 +62,15 @@ def test_a_batch_runs_end_to_end_with_escalations_costs_and_metrics(
     ledger: Ledger,
     statsd: StatsdListener,
     start_workers: Callable[..., Workers],
+    fleet_env: dict[str, str],
 ) -> None:
-    workers = start_workers("triage", "slm", "frontier", concurrency=2)
+    secret_db_url = fleet_env["DATABASE_URL"].replace("//postgres@", "//postgres:pg-Pa55word@")
+    assert "pg-Pa55word" in secret_db_url  # trust auth: the password is accepted, unused
+    workers = start_workers(
+        "triage", "slm", "frontier", concurrency=2,
+        DATABASE_URL=secret_db_url, ANTHROPIC_API_KEY="sk-ant-api03-SECRET-KEY",
+        TIERFLEET_LOG_LEVEL="DEBUG",
+    )
     ids = [client.submit(e) for e in islice(example_jobs(N_JOBS, "e2e"), N_JOBS)]
     assert len(set(ids)) == N_JOBS
 
@@ -132,6 +139,9 @@ def test_a_batch_runs_end_to_end_with_escalations_costs_and_metrics(
     assert {t["model_provider"] for t in attempt_tags} == {"sim-vllm", "sim-anthropic"}
     latency = [m for m in metrics if m[0] == "tierfleet.attempt.latency_ms"]
     assert len(latency) == n_attempts and all(kind == "d" for _, _, kind, _ in latency)
+    output = workers.output()
+    assert "action=attempt.done" in output
+    assert "pg-Pa55word" not in output and "SECRET-KEY" not in output
     booked = sum(Decimal(str(v)) for name, v, _, _ in metrics if name == "tierfleet.cost_usd")
     assert abs(booked - expected_total) < Decimal("1e-6")
 

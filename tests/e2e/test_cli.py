@@ -1,0 +1,99 @@
+"""The `tierfleet` command line against the real services."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from producers import Client
+from tests.conftest import ROOT
+from tierfleet.cli import app
+from tierfleet.db import Ledger
+from tierfleet.models import Job
+from tierfleet.settings import Settings
+from tierfleet.transport import make_celery
+
+runner = CliRunner()
+SUMMARY = re.compile(
+    r"^summary: jobs=(\d+) succeeded=(\d+) failed=(\d+) escalated=(\d+) "
+    r"cost_usd=([\d.]+) baseline_usd=([\d.]+) savings_pct=(-?[\d.]+)$"
+)
+
+
+def test_db_upgrade_is_idempotent(settings: Settings) -> None:
+    for _ in range(2):
+        result = runner.invoke(app, ["db", "upgrade"])
+        assert result.exit_code == 0, result.output
+        assert "is at revision head" in result.output
+
+
+def test_db_upgrade_on_an_unreachable_database_hides_the_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://fleet:pg-Pa55word@127.0.0.1:1/ledger")
+    result = runner.invoke(app, ["db", "upgrade"])
+    assert result.exit_code == 3
+    assert "cannot reach postgresql+psycopg://fleet:***@127.0.0.1:1/ledger" in result.output
+    assert "pg-Pa55word" not in result.output
+
+
+def test_job_get_prints_the_job_as_json(settings: Settings, ledger: Ledger) -> None:
+    client = Client(settings, ledger, make_celery(settings))
+    job_id = client.submit({"feature": "f", "prompt": "hello"})
+    client.close()
+    result = runner.invoke(app, ["job", "get", job_id])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert (data["id"], data["status"], data["attempts"]) == (job_id, "queued", [])
+
+
+def test_job_get_unknown_is_exit_4(settings: Settings) -> None:
+    result = runner.invoke(app, ["job", "get", "no-such-job"])
+    assert result.exit_code == 4
+    assert "no job with id 'no-such-job'" in result.output
+
+
+def test_worker_rejects_an_unknown_pool() -> None:
+    result = runner.invoke(app, ["worker", "--pool", "gpu"])
+    assert result.exit_code == 2
+    assert "--pool must be one of triage, slm, frontier, all" in result.output
+
+
+def run_demo(env: dict[str, str], jobs: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tierfleet", "demo", "--jobs", str(jobs)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def test_demo_with_nothing_configured_ends_with_the_summary_line() -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "REDIS_URL") and not k.startswith("TIERFLEET_")}
+    env["TIERFLEET_SIM_LATENCY_S"] = "0.01"
+    proc = run_demo(env, 60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    match = SUMMARY.match(lines[-1])
+    assert match, lines[-1]
+    jobs, ok, failed, escalated = (int(g) for g in match.groups()[:4])
+    cost, baseline = float(match.group(5)), float(match.group(6))
+    assert jobs == 60 and ok + failed == jobs and escalated > 0
+    assert 0 < cost < baseline
+    assert "SIMULATED" in proc.stdout and "classification" in proc.stdout
+
+
+def test_demo_uses_redis_and_postgres_when_configured(
+    fleet_env: dict[str, str], ledger: Ledger
+) -> None:
+    proc = run_demo(fleet_env, 30)
+    assert proc.returncode == 0, proc.stderr
+    assert SUMMARY.match(proc.stdout.strip().splitlines()[-1])
+    with ledger.session() as s:
+        assert s.execute(select(func.count()).select_from(Job)).scalar_one() == 30
