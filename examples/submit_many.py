@@ -66,8 +66,11 @@ def main() -> int:
     client.close()
     for status, count in sorted(statuses.items()):
         print(f"{status}: {count}")
-    print(f"summary: jobs={len(ids)} " + " ".join(f"{k.replace(' ', '_')}={v}"
-          for k, v in sorted(statuses.items())) + f" escalated={escalated}")
+    print(
+        f"summary: jobs={len(ids)} "
+        + " ".join(f"{k.replace(' ', '_')}={v}" for k, v in sorted(statuses.items()))
+        + f" escalated={escalated}"
+    )
     return 0 if statuses["succeeded"] == len(ids) else 1
 
 

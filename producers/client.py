@@ -88,4 +88,3 @@ class Client:
         self.ledger.engine.dispose()
         self.celery.close()
         self.metrics.close()
-

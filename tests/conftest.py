@@ -179,9 +179,7 @@ class Workers:
 
 
 @pytest.fixture
-def start_workers(
-    fleet_env: dict[str, str], tmp_path: Path
-) -> Iterator[Callable[..., Workers]]:
+def start_workers(fleet_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Workers]]:
     started: list[Workers] = []
 
     def start(*pools: str, concurrency: int = 4, **env: str) -> Workers:
@@ -189,8 +187,16 @@ def start_workers(
         handle = log.open("wb")
         procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "tierfleet", "worker", "--pool", pool,
-                 "--concurrency", str(concurrency)],
+                [
+                    sys.executable,
+                    "-m",
+                    "tierfleet",
+                    "worker",
+                    "--pool",
+                    pool,
+                    "--concurrency",
+                    str(concurrency),
+                ],
                 env={**fleet_env, **env},
                 stdout=handle,
                 stderr=subprocess.STDOUT,

@@ -19,12 +19,27 @@ import psycopg
 import redis
 
 REDIS_URL = os.environ.get("TIERFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
-PG_URL = os.environ.get("TIERFLEET_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_URL = os.environ.get(
+    "TIERFLEET_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 REDIS_START = [
-    "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379",
-    "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis",
-    "--logfile", "/var/log/redis/ci.log",
+    "redis-server",
+    "--daemonize",
+    "yes",
+    "--bind",
+    "127.0.0.1",
+    "-::1",
+    "--port",
+    "6379",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+    "--dir",
+    "/var/lib/redis",
+    "--logfile",
+    "/var/log/redis/ci.log",
 ]
 HINT = (
     "install it (Debian/Ubuntu: apt-get install {pkg}; macOS: brew install {brew}) or run "
@@ -78,13 +93,19 @@ def main() -> int:
     if not redis_ok():
         print(f"Redis at {REDIS_URL} does not answer; starting a local server", flush=True)
         if not (start_redis() and wait_for(redis_ok)):
-            problems.append("Redis: " + HINT.format(
-                pkg="redis-server", brew="redis", env="TIERFLEET_TEST_REDIS_URL"))
+            problems.append(
+                "Redis: "
+                + HINT.format(pkg="redis-server", brew="redis", env="TIERFLEET_TEST_REDIS_URL")
+            )
     if not postgres_ok():
         print("Postgres does not answer; starting the local cluster", flush=True)
         if not (start_postgres() and wait_for(postgres_ok)):
-            problems.append("PostgreSQL: " + HINT.format(
-                pkg="postgresql", brew="postgresql@16", env="TIERFLEET_TEST_DATABASE_URL"))
+            problems.append(
+                "PostgreSQL: "
+                + HINT.format(
+                    pkg="postgresql", brew="postgresql@16", env="TIERFLEET_TEST_DATABASE_URL"
+                )
+            )
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if not problems:

@@ -57,10 +57,12 @@ def _fail(message: str, code: Exit) -> typer.Exit:
 
 @app.command()
 def demo(
-    jobs: Annotated[int, typer.Option(min=1, envvar="TIERFLEET_DEMO_JOBS",
-                                      help="How many example jobs to run.")] = 200,
-    concurrency: Annotated[int, typer.Option(min=1, envvar="TIERFLEET_DEMO_CONCURRENCY",
-                                             help="Worker threads.")] = 16,
+    jobs: Annotated[
+        int, typer.Option(min=1, envvar="TIERFLEET_DEMO_JOBS", help="How many example jobs to run.")
+    ] = 200,
+    concurrency: Annotated[
+        int, typer.Option(min=1, envvar="TIERFLEET_DEMO_CONCURRENCY", help="Worker threads.")
+    ] = 16,
 ) -> None:
     """Run the example batch through the whole fleet in this process, and report.
 
@@ -83,10 +85,16 @@ def demo(
 
 @app.command()
 def worker(
-    pool: Annotated[str, typer.Option(envvar="TIERFLEET_POOL",
-                                      help="Which queues: triage, slm, frontier or all.")] = "all",
-    concurrency: Annotated[int | None, typer.Option(min=1, envvar="TIERFLEET_WORKER_CONCURRENCY",
-                                                    help="Processes (default: CPU count).")] = None,
+    pool: Annotated[
+        str,
+        typer.Option(envvar="TIERFLEET_POOL", help="Which queues: triage, slm, frontier or all."),
+    ] = "all",
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            min=1, envvar="TIERFLEET_WORKER_CONCURRENCY", help="Processes (default: CPU count)."
+        ),
+    ] = None,
     loglevel: Annotated[str, typer.Option(envvar="TIERFLEET_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run a Celery worker for one pool (needs REDIS_URL and DATABASE_URL)."""
@@ -104,8 +112,17 @@ def worker(
         Runtime.build(settings, celery).ledger.engine.dispose()  # fail fast on bad config
     except ConfigurationError as exc:
         raise _fail(str(exc), Exit.USAGE) from None
-    argv = ["worker", "-Q", ",".join(queues_for_pool(settings, pool)), "--loglevel", loglevel,
-            "-n", f"{pool}@%h", "--without-gossip", "--without-mingle"]
+    argv = [
+        "worker",
+        "-Q",
+        ",".join(queues_for_pool(settings, pool)),
+        "--loglevel",
+        loglevel,
+        "-n",
+        f"{pool}@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
     celery.worker_main(argv)

@@ -47,8 +47,7 @@ def example_jobs(n: int, batch_id: str, path: Path | None = None) -> Iterator[di
 @contextmanager
 def worker_threads(app: Celery, queues: list[str], concurrency: int) -> Iterator[None]:
     """A real Celery worker consuming `queues`, on a thread pool inside this process."""
-    from celery.worker import state
-    from celery.worker import WorkController
+    from celery.worker import WorkController, state
 
     worker = WorkController(
         app=app,
@@ -145,8 +144,18 @@ def _wait_for_batch(ledger: Ledger, batch_id: str, expected: int, report: Any) -
 
 def _print_table(console: Console, rows: dict[str, Row]) -> None:
     table = Table(title="Routing and escalations by kind of job (simulated backends)")
-    for name in ("kind", "jobs", "→ slm", "→ frontier", "escalated", "succeeded", "failed",
-                 "cost $", "all-frontier $", "saved"):
+    for name in (
+        "kind",
+        "jobs",
+        "→ slm",
+        "→ frontier",
+        "escalated",
+        "succeeded",
+        "failed",
+        "cost $",
+        "all-frontier $",
+        "saved",
+    ):
         table.add_column(name, justify="left" if name == "kind" else "right")
     for kind, row in [*rows.items(), ("all", total(rows))]:
         table.add_row(

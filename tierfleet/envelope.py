@@ -88,7 +88,7 @@ def _envelope_validator() -> jsonschema.protocols.Validator:
     schema = json.loads((schemas_dir() / "job.schema.json").read_text(encoding="utf-8"))
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema)  # type: ignore[no-any-return]
+    return cls(schema)
 
 
 @functools.cache

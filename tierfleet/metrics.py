@@ -92,7 +92,12 @@ class Metrics:
         s.distribution(C.METRIC_ATTEMPT_LATENCY_MS, latency_ms, tags=tags)
 
     def escalation(self, *, from_tier: str, to_tier: str, feature: str, reason: str) -> None:
-        tags = [f"tier:{from_tier}", f"to_tier:{to_tier}", f"feature:{feature}", f"outcome:{reason}"]
+        tags = [
+            f"tier:{from_tier}",
+            f"to_tier:{to_tier}",
+            f"feature:{feature}",
+            f"outcome:{reason}",
+        ]
         self._sink.increment(C.METRIC_ESCALATIONS, tags=tags)
 
     def job_finished(self, *, tier: str, feature: str, status: str, duration_ms: int) -> None:

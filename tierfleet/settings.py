@@ -35,9 +35,7 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = Field(None, validation_alias=_alias("REDIS_URL"))
     database_url: SecretStr | None = Field(None, validation_alias=_alias("DATABASE_URL"))
     vllm_base_url: str | None = Field(None, validation_alias=_alias("VLLM_BASE_URL"))
-    anthropic_api_key: SecretStr | None = Field(
-        None, validation_alias=_alias("ANTHROPIC_API_KEY")
-    )
+    anthropic_api_key: SecretStr | None = Field(None, validation_alias=_alias("ANTHROPIC_API_KEY"))
     anthropic_base_url: str | None = Field(None, validation_alias=_alias("ANTHROPIC_BASE_URL"))
     dd_agent_host: str | None = Field(None, validation_alias=_alias("DD_AGENT_HOST"))
     dd_dogstatsd_port: int = Field(8125, validation_alias=_alias("DD_DOGSTATSD_PORT"))

@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
-from tierfleet import constants as C
 from tierfleet.errors import ConfigurationError
 from tierfleet.settings import Settings
 
@@ -47,7 +46,7 @@ def _conf(settings: Settings, broker_url: str) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": settings.queue_triage,
-        "task_queues": [Queue(name) for name in all_queues(settings)],
+        "task_queues": [Queue(name) for name in all_queues(settings)],  # type: ignore[no-untyped-call]
         "task_create_missing_queues": True,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,

@@ -61,7 +61,11 @@ def triage_job(rt: Runtime, job_id: str) -> Next | None:
         if row.status != JobStatus.QUEUED:
             return None  # already triaged: a duplicate message
         spec = JobSpec.from_row(
-            id=job_id, feature=row.feature, route=row.route, latency=row.latency, payload=row.payload
+            id=job_id,
+            feature=row.feature,
+            route=row.route,
+            latency=row.latency,
+            payload=row.payload,
         )
         decision = rt.triage.decide(spec)
         moved = s.execute(
@@ -74,13 +78,19 @@ def triage_job(rt: Runtime, job_id: str) -> Next | None:
                 triage_reason=decision.reason,
                 triage_version=decision.version,
             )
-        ).rowcount
-    if not moved:
+            .returning(Job.id)
+        ).scalar_one_or_none()
+    if moved is None:
         return None
     log.info(
         "triaged",
-        extra={"action": "triage.done", "job_id": job_id, "tier": decision.tier,
-               "feature": spec.feature, "reason": decision.reason},
+        extra={
+            "action": "triage.done",
+            "job_id": job_id,
+            "tier": decision.tier,
+            "feature": spec.feature,
+            "reason": decision.reason,
+        },
     )
     return Next(decision.tier)
 
@@ -193,19 +203,36 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
         )
 
     rt.metrics.attempt(
-        tier=tier, model=backend.model, provider=backend.provider, feature=spec.feature,
-        outcome=outcome.value, usage=usage, cost_usd=cost, latency_ms=latency_ms,
+        tier=tier,
+        model=backend.model,
+        provider=backend.provider,
+        feature=spec.feature,
+        outcome=outcome.value,
+        usage=usage,
+        cost_usd=cost,
+        latency_ms=latency_ms,
     )
     log.info(
         "attempt",
-        extra={"action": "attempt.done", "job_id": job_id, "tier": tier, "feature": spec.feature,
-               "outcome": outcome.value, "decision": decision.action.value},
+        extra={
+            "action": "attempt.done",
+            "job_id": job_id,
+            "tier": tier,
+            "feature": spec.feature,
+            "outcome": outcome.value,
+            "decision": decision.action.value,
+        },
     )
     return _follow(rt, spec, tier, outcome, decision, claimed.created_at)
 
 
 def _decide(
-    rt: Runtime, s: Any, job_id: str, tier: str, outcome: Outcome, error: str,
+    rt: Runtime,
+    s: Any,
+    job_id: str,
+    tier: str,
+    outcome: Outcome,
+    error: str,
     retry_after: float | None,
 ) -> Decision:
     if outcome is Outcome.SUCCEEDED:
@@ -220,15 +247,23 @@ def _decide(
     answered = 1 + sum(counts.get(o, 0) for o in _ANSWERED)
     transient = sum(counts.get(o, 0) for o in _TRANSIENT)
     return rt.policy.decide(
-        tier=tier, outcome=outcome, reason=error, answers_on_tier=answered,
-        transient_retries=transient, retry_after_s=retry_after,
+        tier=tier,
+        outcome=outcome,
+        reason=error,
+        answers_on_tier=answered,
+        transient_retries=transient,
+        retry_after_s=retry_after,
     )
 
 
 def _job_changes(decision: Decision, result: Any) -> dict[str, Any]:
     if decision.action is Action.SUCCEED:
-        return {"status": JobStatus.SUCCEEDED, "result": result, "error": None,
-                "finished_at": _now()}
+        return {
+            "status": JobStatus.SUCCEEDED,
+            "result": result,
+            "error": None,
+            "finished_at": _now(),
+        }
     if decision.action is Action.FAIL:
         return {"status": JobStatus.FAILED, "error": decision.reason, "finished_at": _now()}
     if decision.action is Action.ESCALATE:
@@ -249,7 +284,9 @@ def _follow(
     if decision.action is Action.ESCALATE:
         assert decision.next_tier is not None
         rt.metrics.escalation(
-            from_tier=tier, to_tier=decision.next_tier, feature=spec.feature,
+            from_tier=tier,
+            to_tier=decision.next_tier,
+            feature=spec.feature,
             reason=outcome.value,
         )
         return Next(decision.next_tier)
@@ -263,4 +300,3 @@ def _duration_ms(created_at: dt.datetime) -> int:
     if created_at.tzinfo is None:  # SQLite hands back naive UTC
         created_at = created_at.replace(tzinfo=dt.UTC)
     return max(0, round((_now() - created_at).total_seconds() * 1000))
-

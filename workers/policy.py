@@ -45,7 +45,7 @@ class EscalationPolicy:
         return self.ladder[index + 1] if index + 1 < len(self.ladder) else None
 
     def backoff_s(self, retries_so_far: int, retry_after_s: float | None = None) -> float:
-        delay = min(self.max_delay_s, self.base_delay_s * 2**retries_so_far)
+        delay = min(self.max_delay_s, self.base_delay_s * 2.0**retries_so_far)
         return max(delay, retry_after_s or 0.0)
 
     def decide(
@@ -72,7 +72,8 @@ class EscalationPolicy:
             if answers_on_tier < self.top_tier_max_attempts:
                 return Decision(Action.RETRY, reason)
             return Decision(
-                Action.FAIL, f"{tier} answer still invalid after {answers_on_tier} attempts: {reason}"
+                Action.FAIL,
+                f"{tier} answer still invalid after {answers_on_tier} attempts: {reason}",
             )
 
         if outcome in (Outcome.ERROR, Outcome.TIMEOUT):

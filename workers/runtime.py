@@ -67,7 +67,10 @@ def make_backends(settings: Settings) -> dict[str, ModelBackend]:
             "real model backends (VLLM_BASE_URL / ANTHROPIC_API_KEY) are not available in "
             "this version; set TIERFLEET_BACKEND=sim"
         )
-    rates = {C.TIER_SLM: settings.sim_invalid_rate, C.TIER_FRONTIER: settings.sim_frontier_invalid_rate}
+    rates = {
+        C.TIER_SLM: settings.sim_invalid_rate,
+        C.TIER_FRONTIER: settings.sim_frontier_invalid_rate,
+    }
     return {
         tier: SimulatedBackend(
             tier=tier,

@@ -20,7 +20,8 @@ from tierfleet.envelope import JobSpec
 class Scorer(Protocol):
     """p(the job needs a bigger model than the small tier), in [0, 1]."""
 
-    version: str
+    @property
+    def version(self) -> str: ...
 
     def score(self, job: JobSpec) -> float: ...
 

@@ -69,13 +69,21 @@ def test_worker_rejects_an_unknown_pool() -> None:
 def run_demo(env: dict[str, str], jobs: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tierfleet", "demo", "--jobs", str(jobs)],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
 def test_demo_with_nothing_configured_ends_with_the_summary_line() -> None:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DATABASE_URL", "REDIS_URL") and not k.startswith("TIERFLEET_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "REDIS_URL") and not k.startswith("TIERFLEET_")
+    }
     env["TIERFLEET_SIM_LATENCY_S"] = "0.01"
     proc = run_demo(env, 60)
     assert proc.returncode == 0, proc.stderr

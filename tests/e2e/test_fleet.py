@@ -67,15 +67,22 @@ def test_a_batch_runs_end_to_end_with_escalations_costs_and_metrics(
     secret_db_url = fleet_env["DATABASE_URL"].replace("//postgres@", "//postgres:pg-Pa55word@")
     assert "pg-Pa55word" in secret_db_url  # trust auth: the password is accepted, unused
     workers = start_workers(
-        "triage", "slm", "frontier", concurrency=2,
-        DATABASE_URL=secret_db_url, ANTHROPIC_API_KEY="sk-ant-api03-SECRET-KEY",
+        "triage",
+        "slm",
+        "frontier",
+        concurrency=2,
+        DATABASE_URL=secret_db_url,
+        ANTHROPIC_API_KEY="sk-ant-api03-SECRET-KEY",
         TIERFLEET_LOG_LEVEL="DEBUG",
     )
     ids = [client.submit(e) for e in islice(example_jobs(N_JOBS, "e2e"), N_JOBS)]
     assert len(set(ids)) == N_JOBS
 
-    wait_until(lambda: all_terminal(ledger, N_JOBS), timeout_s=90,
-               what=f"{N_JOBS} terminal jobs\n{workers.output()[-3000:]}")
+    wait_until(
+        lambda: all_terminal(ledger, N_JOBS),
+        timeout_s=90,
+        what=f"{N_JOBS} terminal jobs\n{workers.output()[-3000:]}",
+    )
 
     with ledger.session() as s:
         jobs = {j.id: j for j in s.execute(select(Job)).scalars()}
@@ -92,7 +99,9 @@ def test_a_batch_runs_end_to_end_with_escalations_costs_and_metrics(
         assert job.triage_reason and job.triage_version
         if job_id in escalated:
             assert [(a.tier, a.outcome.value) for a in tried] == [
-                ("slm", "invalid"), ("frontier", "succeeded")]
+                ("slm", "invalid"),
+                ("frontier", "succeeded"),
+            ]
             assert tried[0].error and job.tier == "frontier"
         else:
             assert len(tried) == 1 and tried[0].tier == job.tier
@@ -104,7 +113,8 @@ def test_a_batch_runs_end_to_end_with_escalations_costs_and_metrics(
 
     expected_total = sum(
         hand_priced(a.model, a.input_tokens, a.output_tokens)
-        for tried in attempts.values() for a in tried
+        for tried in attempts.values()
+        for a in tried
     )
     with ledger.session() as s:
         assert s.execute(select(func.sum(Job.cost_usd))).scalar_one() == expected_total
@@ -119,8 +129,10 @@ def test_a_batch_runs_end_to_end_with_escalations_costs_and_metrics(
         return c
 
     wait_until(
-        lambda: counts()["tierfleet.jobs.finished"] == N_JOBS
-        and counts()["tierfleet.attempts"] == n_attempts,
+        lambda: (
+            counts()["tierfleet.jobs.finished"] == N_JOBS
+            and counts()["tierfleet.attempts"] == n_attempts
+        ),
         timeout_s=10,
         what="DogStatsD packets",
     )
@@ -149,15 +161,19 @@ def test_a_batch_runs_end_to_end_with_escalations_costs_and_metrics(
 def test_a_top_tier_answer_that_stays_invalid_fails_the_job_with_its_reason(
     client: Client, ledger: Ledger, start_workers: Callable[..., Workers]
 ) -> None:
-    start_workers("all", TIERFLEET_SIM_FRONTIER_INVALID_RATE="1.0",
-                  TIERFLEET_SIM_INVALID_RATE="1.0")
+    start_workers(
+        "all", TIERFLEET_SIM_FRONTIER_INVALID_RATE="1.0", TIERFLEET_SIM_INVALID_RATE="1.0"
+    )
     job_id = client.submit(
         {"feature": "f", "prompt": "Sentiment of: 'meh'", "output_schema": "sentiment"}
     )
     view = client.wait(job_id, timeout_s=60)
     assert view.status is JobStatus.FAILED
     assert [(a.tier, a.outcome) for a in view.attempts] == [
-        ("slm", "invalid"), ("frontier", "invalid"), ("frontier", "invalid")]
+        ("slm", "invalid"),
+        ("frontier", "invalid"),
+        ("frontier", "invalid"),
+    ]
     assert view.error and "frontier answer still invalid after 2 attempts" in view.error
     assert view.cost_usd == sum(a.cost_usd for a in view.attempts) > 0
 

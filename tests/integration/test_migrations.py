@@ -6,15 +6,14 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from tests.conftest import PG_ADMIN_URL
-from tierfleet.db import make_engine, upgrade
+from tierfleet.db import alembic_config, make_engine, upgrade
 from tierfleet.models import Base
-from alembic import command
-from tierfleet.db import alembic_config
 
 pytestmark = pytest.mark.integration
 

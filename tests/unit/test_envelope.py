@@ -20,7 +20,10 @@ def test_minimal_envelope_gets_defaults_and_an_id() -> None:
     assert spec.id
     assert spec.messages == ({"role": "user", "content": "Classify: the app crashes"},)
     assert (spec.route, spec.latency, spec.max_tokens, spec.temperature) == (
-        "auto", "interactive", 512, 0.0,
+        "auto",
+        "interactive",
+        512,
+        0.0,
     )
 
 
@@ -50,8 +53,13 @@ def test_given_id_and_named_schema_are_kept_and_resolved() -> None:
             "is not one of",
         ),
         (
-            {"feature": "f", "messages": [{"role": "user", "content": "q"},
-                                          {"role": "assistant", "content": "a"}]},
+            {
+                "feature": "f",
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a"},
+                ],
+            },
             "messages[1].role",
             "last message must be the user's",
         ),
@@ -83,7 +91,10 @@ def test_payload_round_trips_through_the_ledger_form() -> None:
         base(system="be brief", output_schema="sentiment", metadata={"k": 1}, idempotency_key="k1")
     )
     again = JobSpec.from_row(
-        id=spec.id, feature=spec.feature, route=spec.route, latency=spec.latency,
+        id=spec.id,
+        feature=spec.feature,
+        route=spec.route,
+        latency=spec.latency,
         payload=json.loads(json.dumps(spec.payload())),
     )
     # the idempotency key lives in its own column, not in the payload

@@ -6,8 +6,11 @@ from tierfleet.constants import Outcome
 from workers.policy import Action, EscalationPolicy
 
 policy = EscalationPolicy(
-    ladder=("slm", "frontier"), top_tier_max_attempts=2, max_transient_retries=3,
-    base_delay_s=1.0, max_delay_s=10.0,
+    ladder=("slm", "frontier"),
+    top_tier_max_attempts=2,
+    max_transient_retries=3,
+    base_delay_s=1.0,
+    max_delay_s=10.0,
 )
 
 
@@ -25,7 +28,9 @@ def test_the_top_tier_gets_its_allowed_attempts_then_fails_with_the_reason() -> 
     first = policy.decide(tier="frontier", outcome=Outcome.INVALID, answers_on_tier=1)
     assert (first.action, first.delay_s) == (Action.RETRY, 0.0)
     last = policy.decide(
-        tier="frontier", outcome=Outcome.INVALID, reason="schema: 'label' is required",
+        tier="frontier",
+        outcome=Outcome.INVALID,
+        reason="schema: 'label' is required",
         answers_on_tier=2,
     )
     assert last.action is Action.FAIL
@@ -45,9 +50,12 @@ def test_transient_faults_retry_on_the_same_tier_with_growing_backoff() -> None:
 
 
 def test_retry_after_is_honoured_and_backoff_is_capped() -> None:
-    assert policy.decide(
-        tier="frontier", outcome=Outcome.ERROR, transient_retries=0, retry_after_s=7.5
-    ).delay_s == 7.5
+    assert (
+        policy.decide(
+            tier="frontier", outcome=Outcome.ERROR, transient_retries=0, retry_after_s=7.5
+        ).delay_s
+        == 7.5
+    )
     assert policy.backoff_s(20) == 10.0
 
 

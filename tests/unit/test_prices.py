@@ -19,9 +19,10 @@ def test_frontier_cost_is_list_price_times_tokens() -> None:
 
 def test_cache_tokens_use_the_multipliers_and_batch_halves() -> None:
     sonnet = book["claude-sonnet-4-5"]
-    usage = Usage(input_tokens=100, output_tokens=10, cache_write_tokens=1000,
-                  cache_read_tokens=10_000)
-    expected = (100 * 3 + 10 * 15 + 1000 * 3 * Decimal("1.25") + 10_000 * 3 * Decimal("0.1"))
+    usage = Usage(
+        input_tokens=100, output_tokens=10, cache_write_tokens=1000, cache_read_tokens=10_000
+    )
+    expected = 100 * 3 + 10 * 15 + 1000 * 3 * Decimal("1.25") + 10_000 * 3 * Decimal("0.1")
     assert sonnet.cost_usd(usage) == (expected / 1_000_000).quantize(Decimal("1e-8"))
     assert sonnet.cost_usd(usage, batch=True) == (expected / 2_000_000).quantize(Decimal("1e-8"))
 
@@ -36,7 +37,7 @@ def test_the_small_tier_is_priced_from_gpu_hours_and_never_free() -> None:
 
 
 def test_an_unknown_model_names_the_file() -> None:
-    with pytest.raises(ConfigurationError, match="has no price in .*prices.toml"):
+    with pytest.raises(ConfigurationError, match=r"has no price in .*prices\.toml"):
         book["gpt-imaginary"]
 
 
@@ -45,13 +46,18 @@ def test_an_unknown_model_names_the_file() -> None:
     [
         ('[models."m"]\nprovider = "x"\ninput_usd_per_mtok = 1\n', "lacks 'output_usd_per_mtok'"),
         ('[models."m"]\ninput_usd_per_mtok = "1"\noutput_usd_per_mtok = 1\n', "must be a number"),
-        ('[models."m"]\ninput_usd_per_mtok = -1\noutput_usd_per_mtok = 1\n', "must not be negative"),
+        (
+            '[models."m"]\ninput_usd_per_mtok = -1\noutput_usd_per_mtok = 1\n',
+            "must not be negative",
+        ),
         ("[models.m\n", "cannot read price file"),
     ],
 )
 def test_a_bad_price_file_is_a_clear_error(tmp_path: Path, body: str, words: str) -> None:
     path = tmp_path / "prices.toml"
-    path.write_text("[defaults]\ncache_write_multiplier = 1.25\ncache_read_multiplier = 0.1\n"
-                    "batch_discount = 0.5\n" + body)
+    path.write_text(
+        "[defaults]\ncache_write_multiplier = 1.25\ncache_read_multiplier = 0.1\n"
+        "batch_discount = 0.5\n" + body
+    )
     with pytest.raises(ConfigurationError, match=words):
         PriceBook.load(path)

@@ -20,7 +20,9 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(key, value)
 
 
-def test_secrets_never_show_in_repr_str_or_logs(env: None, caplog: pytest.LogCaptureFixture) -> None:
+def test_secrets_never_show_in_repr_str_or_logs(
+    env: None, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = Settings.from_env()
     with caplog.at_level(logging.INFO):
         logging.getLogger("test").info("settings %s %r", settings, settings)
@@ -60,7 +62,11 @@ def test_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TIERFLEET_PINNED_FEATURES", '{"legal": "frontier"}')
     s = Settings.from_env()
     assert (s.sim_latency_s, s.sim_invalid_rate, s.queue_for("slm"), s.dd_dogstatsd_port) == (
-        0.5, 0.3, "gpu.small", 9125)
+        0.5,
+        0.3,
+        "gpu.small",
+        9125,
+    )
     assert s.pinned_features == {"legal": "frontier"}
     assert s.slm_timeout_s(max_tokens=100) == pytest.approx(2.0 + 0.02 * 100)
 

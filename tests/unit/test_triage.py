@@ -54,8 +54,9 @@ def test_the_score_is_compared_with_the_threshold_and_recorded() -> None:
 def test_rule_scorer_ranks_code_and_reasoning_above_constrained_classification() -> None:
     scorer = RuleScorer()
     classify = scorer.score(job(output_schema="sentiment"))
-    code = scorer.score(job(prompt="Find the bug:\n```python\ndef f(x):\n    return x +\n```",
-                            max_tokens=1024))
+    code = scorer.score(
+        job(prompt="Find the bug:\n```python\ndef f(x):\n    return x +\n```", max_tokens=1024)
+    )
     maths = scorer.score(job(prompt="Explain step by step: if 3 * 17 apples ... calculate"))
     assert classify < 0.5 <= code
     assert classify < maths

@@ -19,8 +19,9 @@ SENTIMENT = named_output_schema("sentiment")
 
 
 def answer(text: str, finish_reason: str = "stop", logprob: float | None = None) -> Completion:
-    return Completion(text=text, usage=Usage(10, 5), finish_reason=finish_reason,
-                      mean_logprob=logprob)
+    return Completion(
+        text=text, usage=Usage(10, 5), finish_reason=finish_reason, mean_logprob=logprob
+    )
 
 
 def test_a_schema_valid_answer_is_returned_parsed() -> None:
@@ -57,8 +58,9 @@ def test_low_token_logprobs_fail_only_when_a_threshold_is_set() -> None:
     assert info.value.rule == "logprob"
 
 
-@pytest.mark.parametrize("path", sorted((schemas_dir() / "outputs").glob("*.json")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((schemas_dir() / "outputs").glob("*.json")), ids=lambda p: p.stem
+)
 def test_simulated_answers_satisfy_every_shipped_schema(path: object) -> None:
     schema = json.loads(path.read_text())  # type: ignore[attr-defined]
     for seed in range(25):
@@ -67,8 +69,10 @@ def test_simulated_answers_satisfy_every_shipped_schema(path: object) -> None:
 
 def test_the_simulated_small_model_is_deterministic_and_invalid_at_its_rate() -> None:
     backend = SimulatedBackend(tier="slm", model="m", mean_latency_s=0.0, invalid_rate=0.3)
-    jobs = [parse_envelope({"feature": "f", "prompt": f"review {i}", "output_schema": "sentiment"})
-            for i in range(400)]
+    jobs = [
+        parse_envelope({"feature": "f", "prompt": f"review {i}", "output_schema": "sentiment"})
+        for i in range(400)
+    ]
     outcomes: Counter[bool] = Counter()
     for job in jobs:
         first = backend.complete(job, timeout_s=1)

@@ -24,10 +24,35 @@ from tierfleet.errors import ProviderTimeout
 from tierfleet.prices import Usage
 from workers.backends.base import Completion
 
-_WORDS = (
-    "the customer reports the order arrived late and the invoice total looks wrong; "
-    "we recommend a refund of the shipping fee and a follow-up within two days"
-).split()
+_WORDS = [
+    "the",
+    "customer",
+    "reports",
+    "the",
+    "order",
+    "arrived",
+    "late",
+    "and",
+    "the",
+    "invoice",
+    "total",
+    "looks",
+    "wrong;",
+    "we",
+    "recommend",
+    "a",
+    "refund",
+    "of",
+    "the",
+    "shipping",
+    "fee",
+    "and",
+    "a",
+    "follow-up",
+    "within",
+    "two",
+    "days",
+]
 
 
 class SimulatedBackend:
@@ -137,7 +162,9 @@ def _number(schema: Mapping[str, Any], rng: random.Random, *, integer: bool) -> 
     low = schema.get("minimum", schema.get("exclusiveMinimum", 0))
     high = schema.get("maximum", schema.get("exclusiveMaximum", low + 100))
     if integer:
-        return rng.randint(int(low) + ("exclusiveMinimum" in schema), int(high) - ("exclusiveMaximum" in schema))
+        return rng.randint(
+            int(low) + ("exclusiveMinimum" in schema), int(high) - ("exclusiveMaximum" in schema)
+        )
     return round(rng.uniform(low, high), 2) if high > low else low
 
 
