@@ -26,9 +26,10 @@ QUEUE_FRONTIER: Final = "tier.frontier"
 TASK_TRIAGE: Final = "tierfleet.triage"
 TASK_ATTEMPT: Final = "tierfleet.attempt"
 
-# Redis keys the fleet itself owns (Celery's own keys are the queue names above).
-REDIS_PREFIX: Final = "tierfleet:"
-REDIS_KEY_HEARTBEAT: Final = REDIS_PREFIX + "heartbeat:{worker}"
+# Redis keys. Celery (kombu) keeps each queue as a list named after the queue, and the
+# messages delivered but not yet acknowledged in a hash and a sorted set.
+REDIS_UNACKED: Final = "unacked"
+REDIS_UNACKED_INDEX: Final = "unacked_index"
 
 # Metrics (DogStatsD). Tags: tier, model_name, model_provider, feature, outcome.
 METRIC_PREFIX: Final = "tierfleet."

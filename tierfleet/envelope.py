@@ -134,16 +134,24 @@ def _describe(error: ValidationError) -> tuple[str, str]:
 
 
 def check_output_schema(schema: Any, field_name: str = "output_schema") -> None:
+    """Raise `InvalidEnvelope` unless `schema` is a valid JSON Schema. Checking against the
+    meta-schema is costly, and a batch repeats its schemas: results are cached."""
     if not isinstance(schema, Mapping):
         raise InvalidEnvelope("must be a JSON Schema object", field=field_name)
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
+        _check_schema_text(json.dumps(schema, sort_keys=True))
     except SchemaError as exc:
         where = ".".join(str(p) for p in exc.absolute_path)
         raise InvalidEnvelope(
             f"is not a valid JSON Schema: {exc.message}" + (f" (at {where})" if where else ""),
             field=field_name,
         ) from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_schema_text(text: str) -> None:
+    schema = json.loads(text)
+    jsonschema.validators.validator_for(schema).check_schema(schema)
 
 
 def parse_envelope(data: Any, *, tiers: Sequence[str] = C.TIER_LADDER) -> JobSpec:

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tierfleet import constants as C
 
 BackendMode = Literal["auto", "sim", "real"]
+MAX_OUTPUT_TOKENS = 32768  # the envelope's max_tokens ceiling
 
 
 def _alias(*names: str) -> AliasChoices:
@@ -28,7 +29,11 @@ class Settings(BaseSettings):
     """Every knob of the fleet. Environment names are in the README's configuration table."""
 
     model_config = SettingsConfigDict(
-        env_prefix="TIERFLEET_", extra="ignore", frozen=True, populate_by_name=True
+        env_prefix="TIERFLEET_",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+        env_ignore_empty=True,
     )
 
     # Connections. Bare names, as every deployment tool spells them.
@@ -54,6 +59,7 @@ class Settings(BaseSettings):
     # Triage.
     slm_context_tokens: int = Field(8192, gt=0)
     triage_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    triage_scorer: str = "workers.triage:RuleScorer"
     pinned_features: dict[str, str] = Field(default_factory=dict)
 
     # Timeouts and retries.
@@ -77,9 +83,6 @@ class Settings(BaseSettings):
     sim_frontier_invalid_rate: float = Field(0.0, ge=0, le=1)
     sim_seed: int = 0
 
-    worker_concurrency: int | None = Field(None, gt=0)
-    log_level: str = "INFO"
-
     @field_validator("pinned_features")
     @classmethod
     def _known_tiers(cls, value: dict[str, str]) -> dict[str, str]:
@@ -90,6 +93,20 @@ class Settings(BaseSettings):
                     f"tiers are {', '.join(C.TIER_LADDER)}"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _visibility_above_longest_wait(self) -> Settings:
+        longest = max(
+            self.frontier_timeout_s,
+            self.slm_timeout_s(MAX_OUTPUT_TOKENS),
+            self.retry_max_delay_s,
+        )
+        if self.visibility_timeout_s <= longest:
+            raise ValueError(
+                f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed the longest "
+                f"call or retry delay ({longest:.0f}s), or Redis redelivers running jobs"
+            )
+        return self
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -120,6 +137,16 @@ class Settings(BaseSettings):
 
     def redis_url_value(self) -> str | None:
         return self.redis_url.get_secret_value() if self.redis_url else None
+
+
+def env_names() -> dict[str, str]:
+    """Setting name -> the environment variable that sets it."""
+    out = {}
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        first = alias.choices[0] if isinstance(alias, AliasChoices) else None
+        out[name] = first if isinstance(first, str) else f"TIERFLEET_{name.upper()}"
+    return out
 
 
 def _sqlalchemy_url(url: str) -> str:

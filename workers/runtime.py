@@ -5,6 +5,7 @@ Built once per process (after the fork, so no connection crosses it) by `runtime
 
 from __future__ import annotations
 
+import importlib
 import threading
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from tierfleet.settings import Settings
 from workers.backends.base import ModelBackend
 from workers.backends.sim import SimulatedBackend
 from workers.policy import EscalationPolicy
-from workers.triage import RuleScorer, Triage
+from workers.triage import Scorer, Triage
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Runtime:
             metrics=Metrics.from_settings(settings),
             backends=backends,
             triage=Triage(
-                scorer=RuleScorer(),
+                scorer=load_scorer(settings.triage_scorer),
                 threshold=settings.triage_threshold,
                 context_tokens=settings.slm_context_tokens,
                 pinned_features=settings.pinned_features,
@@ -59,6 +60,19 @@ class Runtime:
             ),
             celery=celery,
         )
+
+
+def load_scorer(path: str) -> Scorer:
+    """`module:Class` (or `module:factory`), called with no arguments."""
+    module_name, _, attr = path.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"TIERFLEET_TRIAGE_SCORER={path!r} cannot be loaded: {exc}"
+        ) from None
+    scorer: Scorer = factory()
+    return scorer
 
 
 def make_backends(settings: Settings) -> dict[str, ModelBackend]:

@@ -86,3 +86,18 @@ def test_bad_settings_name_the_setting(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=words):
         Settings.from_env()
+
+
+def test_visibility_timeout_must_exceed_the_longest_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIERFLEET_FRONTIER_TIMEOUT_S", "600")
+    monkeypatch.setenv("TIERFLEET_VISIBILITY_TIMEOUT_S", "300")
+    with pytest.raises(ValidationError, match="Redis redelivers running jobs"):
+        Settings.from_env()
+
+
+def test_empty_variables_count_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TIERFLEET_BACKEND", raising=False)
+    monkeypatch.setenv("VLLM_BASE_URL", "")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "")
+    settings = Settings.from_env()
+    assert settings.vllm_base_url is None and settings.use_sim_backends

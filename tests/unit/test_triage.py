@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tierfleet.envelope import JobSpec, parse_envelope
 from workers.triage import RuleScorer, Triage
 
@@ -61,3 +63,12 @@ def test_rule_scorer_ranks_code_and_reasoning_above_constrained_classification()
     assert classify < 0.5 <= code
     assert classify < maths
     assert all(0.0 <= s <= 1.0 for s in (classify, code, maths))
+
+
+def test_the_scorer_is_pluggable_by_import_path() -> None:
+    from tierfleet.errors import ConfigurationError
+    from workers.runtime import load_scorer
+
+    assert load_scorer("workers.triage:RuleScorer").version == "rules-1"
+    with pytest.raises(ConfigurationError, match="TIERFLEET_TRIAGE_SCORER='nope:X'"):
+        load_scorer("nope:X")
