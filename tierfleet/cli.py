@@ -98,8 +98,11 @@ def worker(
     loglevel: Annotated[str, typer.Option(envvar="TIERFLEET_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run a Celery worker for one pool (needs REDIS_URL and DATABASE_URL)."""
+    from tierfleet.db import check_ledger
+    from tierfleet.errors import ServiceUnavailable
     from tierfleet.logs import setup_logging
     from workers.app import POOLS, create_app, queues_for_pool
+    from workers.runtime import Runtime
 
     if pool not in POOLS:
         raise _fail(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}", Exit.USAGE)
@@ -107,11 +110,11 @@ def worker(
     setup_logging(loglevel)
     try:
         celery = create_app(settings)
-        from workers.runtime import Runtime
-
-        Runtime.build(settings, celery).ledger.engine.dispose()  # fail fast on bad config
+        check_ledger(Runtime.build(settings, celery).ledger)  # fail fast on bad config
     except ConfigurationError as exc:
         raise _fail(str(exc), Exit.USAGE) from None
+    except ServiceUnavailable as exc:
+        raise _fail(str(exc), Exit.UNAVAILABLE) from None
     argv = [
         "worker",
         "-Q",

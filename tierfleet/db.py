@@ -9,11 +9,12 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from tierfleet.errors import ConfigurationError
+from tierfleet.errors import ConfigurationError, ServiceUnavailable
 from tierfleet.resources import migrations_dir
-from tierfleet.settings import Settings
+from tierfleet.settings import Settings, redact_url
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -60,6 +61,18 @@ class Ledger:
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
+
+
+def check_ledger(ledger: Ledger) -> None:
+    """Connect once and dispose: raise `ServiceUnavailable` naming the (redacted) URL."""
+    try:
+        with ledger.engine.connect():
+            pass
+    except OperationalError as exc:
+        url = redact_url(ledger.engine.url.render_as_string(hide_password=False))
+        raise ServiceUnavailable(f"cannot reach the ledger at {url}: {exc.orig}") from exc
+    finally:
+        ledger.engine.dispose()
 
 
 def alembic_config(url: str) -> Config:

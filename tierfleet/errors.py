@@ -5,7 +5,8 @@
     │   ├── ProviderTimeout       the model call took longer than the tier allows
     │   ├── RateLimited           429; carries the provider's retry-after
     │   ├── ProviderOverloaded    529 / 503
-    │   └── ProviderUnavailable   connection refused or dropped, other 5xx
+    │   ├── ProviderUnavailable   connection refused or dropped, other 5xx
+    │   └── ServiceUnavailable    Postgres or Redis did not answer
     └── PermanentError            trying again with the same input cannot help
         ├── InvalidEnvelope       a job envelope breaks the contract (names the field)
         ├── InvalidOutput         a model answer failed validation (names the rule)
@@ -46,6 +47,10 @@ class ProviderOverloaded(RetryableError):
 
 
 class ProviderUnavailable(RetryableError):
+    pass
+
+
+class ServiceUnavailable(RetryableError):
     pass
 
 

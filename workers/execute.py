@@ -7,14 +7,16 @@ for a job that has moved on (terminal, or escalated past this tier) does nothing
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from tierfleet.constants import TERMINAL_STATUSES, JobStatus, Outcome
 from tierfleet.envelope import JobSpec
@@ -125,24 +127,48 @@ def _claim(rt: Runtime, job_id: str, tier: str) -> _Claimed | None:
     return _Claimed(spec, row.attempt_count + 1, row.created_at)
 
 
-def _call(rt: Runtime, spec: JobSpec, tier: str) -> tuple[Outcome, Any, Usage, str, Any]:
-    """Call the tier's model and validate. Returns (outcome, result, usage, error, extra)."""
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """What one model call came to, validated."""
+
+    outcome: Outcome
+    usage: Usage = field(default_factory=Usage)
+    result: Any = None
+    error: str = ""
+    finish_reason: str | None = None
+    mean_logprob: float | None = None
+    retry_after_s: float | None = None
+
+
+def _call(rt: Runtime, spec: JobSpec, tier: str) -> CallResult:
+    """Call the tier's model and validate its answer. Never raises: every fault becomes
+    an outcome, so that every call leaves an attempt row behind."""
     backend = rt.backends[tier]
+    is_top = tier == rt.policy.ladder[-1]
     timeout_s = (
-        rt.settings.slm_timeout_s(spec.max_tokens)
-        if tier == rt.policy.ladder[0]
-        else rt.settings.frontier_timeout_s
+        rt.settings.frontier_timeout_s if is_top else rt.settings.slm_timeout_s(spec.max_tokens)
     )
     try:
         completion = backend.complete(spec, timeout_s=timeout_s)
     except ProviderTimeout as exc:
-        return Outcome.TIMEOUT, None, Usage(), str(exc), (None, None, exc.retry_after_s)
+        return CallResult(Outcome.TIMEOUT, error=str(exc), retry_after_s=exc.retry_after_s)
     except RetryableError as exc:
-        return Outcome.ERROR, None, Usage(), str(exc), (None, None, exc.retry_after_s)
+        return CallResult(Outcome.ERROR, error=str(exc), retry_after_s=exc.retry_after_s)
     except PermanentError as exc:
-        return Outcome.FAILED, None, Usage(), str(exc), (None, None, None)
-    is_top = tier == rt.policy.ladder[-1]
-    extra = (completion.finish_reason, completion.mean_logprob, None)
+        return CallResult(Outcome.FAILED, error=str(exc))
+    except Exception as exc:  # a backend bug must not strand the job
+        log.exception(
+            "backend raised",
+            extra={"action": "attempt.backend_error", "job_id": spec.id, "tier": tier},
+        )
+        return CallResult(Outcome.FAILED, error=f"{type(exc).__name__}: {exc}")
+
+    answered = CallResult(
+        Outcome.SUCCEEDED,
+        usage=completion.usage,
+        finish_reason=completion.finish_reason,
+        mean_logprob=completion.mean_logprob,
+    )
     try:
         result = validate(
             completion,
@@ -151,8 +177,8 @@ def _call(rt: Runtime, spec: JobSpec, tier: str) -> tuple[Outcome, Any, Usage, s
         )
     except InvalidOutput as exc:
         outcome = Outcome.LOW_CONFIDENCE if exc.rule == LOW_CONFIDENCE_RULE else Outcome.INVALID
-        return outcome, None, completion.usage, str(exc), extra
-    return Outcome.SUCCEEDED, result, completion.usage, "", extra
+        return dataclasses.replace(answered, outcome=outcome, error=str(exc))
+    return dataclasses.replace(answered, result=result)
 
 
 def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
@@ -163,12 +189,13 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
     backend = rt.backends[tier]
     started_at = _now()
     t0 = time.perf_counter()
-    outcome, result, usage, error, (finish_reason, logprob, retry_after) = _call(rt, spec, tier)
+    call = _call(rt, spec, tier)
     latency_ms = round((time.perf_counter() - t0) * 1000)
+    usage, outcome = call.usage, call.outcome
     cost = rt.prices[backend.model].cost_usd(usage)
 
     with rt.ledger.session() as s:
-        decision = _decide(rt, s, job_id, tier, outcome, error, retry_after)
+        decision = _decide(rt, s, job_id, tier, call)
         s.add(
             Attempt(
                 id=str(uuid.uuid4()),
@@ -178,15 +205,15 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
                 model=backend.model,
                 provider=backend.provider,
                 outcome=outcome,
-                error=error or None,
+                error=call.error or None,
                 input_tokens=usage.input_tokens,
                 output_tokens=usage.output_tokens,
                 cache_read_tokens=usage.cache_read_tokens,
                 cache_write_tokens=usage.cache_write_tokens,
                 latency_ms=latency_ms,
                 cost_usd=cost,
-                mean_logprob=logprob,
-                finish_reason=finish_reason,
+                mean_logprob=call.mean_logprob,
+                finish_reason=call.finish_reason,
                 feature=spec.feature,
                 started_at=started_at,
             )
@@ -198,7 +225,7 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
             .values(
                 cost_usd=Job.cost_usd + cost,
                 attempt_count=Job.attempt_count + 1,
-                **_job_changes(decision, result),
+                **_job_changes(decision, call.result),
             )
         )
 
@@ -226,33 +253,24 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
     return _follow(rt, spec, tier, outcome, decision, claimed.created_at)
 
 
-def _decide(
-    rt: Runtime,
-    s: Any,
-    job_id: str,
-    tier: str,
-    outcome: Outcome,
-    error: str,
-    retry_after: float | None,
-) -> Decision:
-    if outcome is Outcome.SUCCEEDED:
+def _decide(rt: Runtime, s: Session, job_id: str, tier: str, call: CallResult) -> Decision:
+    """Ask the policy; the counts it needs come from this job's earlier attempts on `tier`
+    (the success path needs none and reads none)."""
+    if call.outcome is Outcome.SUCCEEDED:
         return Decision(Action.SUCCEED)
-    counts = dict(
-        s.execute(
-            select(Attempt.outcome, func.count())
-            .where(Attempt.job_id == job_id, Attempt.tier == tier)
-            .group_by(Attempt.outcome)
-        ).all()
+    rows = s.execute(
+        select(Attempt.outcome, func.count())
+        .where(Attempt.job_id == job_id, Attempt.tier == tier)
+        .group_by(Attempt.outcome)
     )
-    answered = 1 + sum(counts.get(o, 0) for o in _ANSWERED)
-    transient = sum(counts.get(o, 0) for o in _TRANSIENT)
+    counts = {outcome: n for outcome, n in rows}
     return rt.policy.decide(
         tier=tier,
-        outcome=outcome,
-        reason=error,
-        answers_on_tier=answered,
-        transient_retries=transient,
-        retry_after_s=retry_after,
+        outcome=call.outcome,
+        reason=call.error,
+        answers_on_tier=1 + sum(counts.get(o, 0) for o in _ANSWERED),
+        transient_retries=sum(counts.get(o, 0) for o in _TRANSIENT),
+        retry_after_s=call.retry_after_s,
     )
 
 
