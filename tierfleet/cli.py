@@ -14,9 +14,10 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from tierfleet.errors import ConfigurationError, JobNotFound, TierfleetError
-from tierfleet.settings import Settings
+from tierfleet.settings import Settings, env_names
 
 
 class Exit(enum.IntEnum):
@@ -44,14 +45,17 @@ def _settings(**overrides: object) -> Settings:
     try:
         return Settings.from_env(**overrides)
     except ValidationError as exc:
+        names = env_names()
         for e in exc.errors():
-            name = ".".join(str(p) for p in e["loc"])
-            err.print(f"[red]error:[/] setting {name}: {e['msg']}")
+            loc = ".".join(str(p) for p in e["loc"])
+            message = escape(e["msg"].removeprefix("Value error, "))
+            where = f"setting {names.get(loc, loc)}: " if loc else ""
+            err.print(f"[red]error:[/] {where}{message}")
         raise typer.Exit(Exit.USAGE) from None
 
 
 def _fail(message: str, code: Exit) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}")
+    err.print(f"[red]error:[/] {escape(message)}")
     return typer.Exit(code)
 
 
@@ -80,6 +84,8 @@ def demo(
         row = run_demo(settings, jobs=jobs, concurrency=concurrency, console=console)
     except ConfigurationError as exc:
         raise _fail(str(exc), Exit.USAGE) from None
+    except TierfleetError as exc:
+        raise _fail(str(exc), Exit.WORK_FAILED) from None
     print(row.summary_line())
 
 

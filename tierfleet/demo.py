@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 
 from tierfleet import constants as C
 from tierfleet.db import Ledger, make_engine, upgrade
+from tierfleet.errors import TierfleetError
 from tierfleet.models import Base, Batch, Job
 from tierfleet.prices import PriceBook
 from tierfleet.report import Row, batch_report, total
@@ -84,11 +85,13 @@ def _ledger(settings: Settings, workdir: Path) -> tuple[Ledger, str]:
 def run_demo(settings: Settings, *, jobs: int, concurrency: int, console: Console) -> Row:
     from producers import Client
     from workers.app import create_app
+    from workers.runtime import runtime
 
     with tempfile.TemporaryDirectory(prefix="tierfleet-demo-") as tmp:
         ledger, where = _ledger(settings, Path(tmp))
         broker = settings.redis_url_value()
         app = create_app(settings, broker_url=broker or IN_PROCESS_BROKER, ledger=ledger)
+        runtime()  # build it now: a bad setting stops the demo before any job is sent
         console.print(
             f"[bold]tierfleet demo[/]: ledger {where}; broker "
             f"{redact_url(broker) if broker else 'in-process'}; "
@@ -127,8 +130,15 @@ def _progress(console: Console) -> Iterator[Progress]:
         yield bar
 
 
-def _wait_for_batch(ledger: Ledger, batch_id: str, expected: int, report: Any) -> None:
+class DemoStalled(TierfleetError):
+    """No job of the demo batch finished for a long while."""
+
+
+def _wait_for_batch(
+    ledger: Ledger, batch_id: str, expected: int, report: Any, stall_s: float = 60.0
+) -> None:
     terminal = [s.value for s in C.TERMINAL_STATUSES]
+    last_done, last_change = -1, time.monotonic()
     while True:
         with ledger.session() as s:
             done = s.execute(
@@ -139,6 +149,12 @@ def _wait_for_batch(ledger: Ledger, batch_id: str, expected: int, report: Any) -
         report(done)
         if done >= expected:
             return
+        if done != last_done:
+            last_done, last_change = done, time.monotonic()
+        elif time.monotonic() - last_change > stall_s:
+            raise DemoStalled(
+                f"no job finished for {stall_s:.0f}s; {expected - done} of {expected} unfinished"
+            )
         time.sleep(0.1)
 
 

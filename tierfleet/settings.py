@@ -103,8 +103,8 @@ class Settings(BaseSettings):
         )
         if self.visibility_timeout_s <= longest:
             raise ValueError(
-                f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed the longest "
-                f"call or retry delay ({longest:.0f}s), or Redis redelivers running jobs"
+                f"TIERFLEET_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed the "
+                f"longest call or retry delay ({longest:.0f}s), or Redis redelivers running jobs"
             )
         return self
 

@@ -105,3 +105,23 @@ def test_demo_uses_redis_and_postgres_when_configured(
     assert SUMMARY.match(proc.stdout.strip().splitlines()[-1])
     with ledger.session() as s:
         assert s.execute(select(func.count()).select_from(Job)).scalar_one() == 30
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        ("TIERFLEET_SIM_INVALID_RATE", "7", "setting TIERFLEET_SIM_INVALID_RATE: "),
+        ("TIERFLEET_VISIBILITY_TIMEOUT_S", "5", "TIERFLEET_VISIBILITY_TIMEOUT_S (5) must exceed"),
+        ("TIERFLEET_FRONTIER_MODEL", "claude-x", "add a [models.'claude-x'] table"),
+        ("TIERFLEET_PRICES_FILE", "/no/such/prices.toml", "cannot read price file"),
+    ],
+)
+def test_a_bad_setting_stops_the_demo_before_any_job_with_exit_2(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, words: str
+) -> None:
+    for key in ("DATABASE_URL", "REDIS_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv(name, value)
+    result = runner.invoke(app, ["demo", "--jobs", "3"])
+    assert result.exit_code == 2
+    assert words in result.output
