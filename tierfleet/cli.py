@@ -98,43 +98,58 @@ def worker(
     concurrency: Annotated[
         int | None,
         typer.Option(
-            min=1, envvar="TIERFLEET_WORKER_CONCURRENCY", help="Processes (default: CPU count)."
+            min=1,
+            envvar="TIERFLEET_WORKER_CONCURRENCY",
+            help="Tasks in flight (default: CPU count for triage, "
+            "TIERFLEET_SLM_CONCURRENCY / TIERFLEET_FRONTIER_CONCURRENCY for tiers).",
         ),
     ] = None,
     loglevel: Annotated[str, typer.Option(envvar="TIERFLEET_LOG_LEVEL")] = "INFO",
 ) -> None:
-    """Run a Celery worker for one pool (needs REDIS_URL and DATABASE_URL)."""
+    """Run a Celery worker for one pool (needs REDIS_URL and DATABASE_URL; the slm pool
+    VLLM_BASE_URL, the frontier pool ANTHROPIC_API_KEY, unless TIERFLEET_BACKEND=sim)."""
     from tierfleet.db import check_ledger
     from tierfleet.errors import ServiceUnavailable
     from tierfleet.logs import setup_logging
-    from workers.app import POOLS, create_app, queues_for_pool
-    from workers.runtime import Runtime
+    from workers.app import POOLS, create_app, plan_pool
+    from workers.runtime import Runtime, WorkerSpec, install
 
     if pool not in POOLS:
         raise _fail(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}", Exit.USAGE)
     settings = _settings()
     setup_logging(loglevel)
+    plan = plan_pool(settings, pool, concurrency)
     try:
         celery = create_app(settings)
-        check_ledger(Runtime.build(settings, celery).ledger)  # fail fast on bad config
+        spec = WorkerSpec(settings, celery, tiers=plan.tiers, db_pool_size=plan.concurrency + 2)
+        built = Runtime.build(settings, celery, tiers=spec.tiers, db_pool_size=spec.db_pool_size)
+        check_ledger(built.ledger)  # fail fast on bad config, before taking any message
     except ConfigurationError as exc:
         raise _fail(str(exc), Exit.USAGE) from None
     except ServiceUnavailable as exc:
         raise _fail(str(exc), Exit.UNAVAILABLE) from None
-    argv = [
-        "worker",
-        "-Q",
-        ",".join(queues_for_pool(settings, pool)),
-        "--loglevel",
-        loglevel,
-        "-n",
-        f"{pool}@%h",
-        "--without-gossip",
-        "--without-mingle",
-    ]
-    if concurrency:
-        argv += ["--concurrency", str(concurrency)]
-    celery.worker_main(argv)
+    if plan.celery_pool == "prefork":
+        built.close()  # each child builds its own after the fork
+        install(spec)
+    else:
+        install(spec, built)
+    celery.worker_main(
+        [
+            "worker",
+            "--queues",
+            ",".join(plan.queues),
+            "--pool",
+            plan.celery_pool,
+            "--concurrency",
+            str(plan.concurrency),
+            "--loglevel",
+            loglevel,
+            "--hostname",
+            f"{pool}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
 
 
 @db_app.command("upgrade")

@@ -8,7 +8,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -36,13 +36,13 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def engine_from_settings(settings: Settings) -> Engine:
+def engine_from_settings(settings: Settings, **kwargs: Any) -> Engine:
     url = settings.database_url_value()
     if url is None:
         raise ConfigurationError(
             "DATABASE_URL is not set; e.g. postgresql://postgres@127.0.0.1:5432/tierfleet"
         )
-    return make_engine(url)
+    return make_engine(url, **kwargs)
 
 
 class Ledger:
@@ -57,6 +57,12 @@ class Ledger:
         """A unit of work: commits on success, rolls back on error."""
         with self._sessions.begin() as session:
             yield session
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A Core transaction on one connection: commits on success, rolls back on error."""
+        with self.engine.begin() as conn:
+            yield conn
 
     @property
     def dialect(self) -> str:

@@ -85,13 +85,14 @@ def _ledger(settings: Settings, workdir: Path) -> tuple[Ledger, str]:
 def run_demo(settings: Settings, *, jobs: int, concurrency: int, console: Console) -> Row:
     from producers import Client
     from workers.app import create_app
-    from workers.runtime import runtime
+    from workers.runtime import Runtime, WorkerSpec, install
 
     with tempfile.TemporaryDirectory(prefix="tierfleet-demo-") as tmp:
         ledger, where = _ledger(settings, Path(tmp))
         broker = settings.redis_url_value()
-        app = create_app(settings, broker_url=broker or IN_PROCESS_BROKER, ledger=ledger)
-        runtime()  # build it now: a bad setting stops the demo before any job is sent
+        app = create_app(settings, broker_url=broker or IN_PROCESS_BROKER)
+        spec = WorkerSpec(settings, app, ledger=ledger, db_pool_size=concurrency + 2)
+        install(spec, Runtime.build(settings, app, ledger))  # a bad setting stops us here
         console.print(
             f"[bold]tierfleet demo[/]: ledger {where}; broker "
             f"{redact_url(broker) if broker else 'in-process'}; "

@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     vllm_base_url: str | None = Field(None, validation_alias=_alias("VLLM_BASE_URL"))
     anthropic_api_key: SecretStr | None = Field(None, validation_alias=_alias("ANTHROPIC_API_KEY"))
     anthropic_base_url: str | None = Field(None, validation_alias=_alias("ANTHROPIC_BASE_URL"))
+    vllm_api_key: SecretStr | None = Field(None, validation_alias=_alias("VLLM_API_KEY"))
     dd_agent_host: str | None = Field(None, validation_alias=_alias("DD_AGENT_HOST"))
     dd_dogstatsd_port: int = Field(8125, validation_alias=_alias("DD_DOGSTATSD_PORT"))
 
@@ -54,10 +55,15 @@ class Settings(BaseSettings):
     queue_frontier: str = C.QUEUE_FRONTIER
 
     slm_model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
-    frontier_model: str = "claude-sonnet-4-5"
+    frontier_model: str = "claude-sonnet-4-6"
 
     # Triage.
     slm_context_tokens: int = Field(8192, gt=0)
+    anthropic_prompt_cache: bool = True
+
+    # Requests in flight per worker process (a thread each): vLLM batches them.
+    slm_concurrency: int = Field(32, gt=0)
+    frontier_concurrency: int = Field(32, gt=0)
     triage_threshold: float = Field(0.5, ge=0.0, le=1.0)
     triage_scorer: str = "workers.triage:RuleScorer"
     pinned_features: dict[str, str] = Field(default_factory=dict)

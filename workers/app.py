@@ -1,17 +1,28 @@
-"""The worker side's Celery app: the shared transport plus the tasks, and pools.
+"""The worker side's Celery app (the shared transport plus the tasks) and its pools.
 
-`create_app()` is called by `tierfleet worker` and by the embedded demo; the runtime each
-worker process needs (ledger, backends, ...) is built lazily after the fork.
+A pool is what one `tierfleet worker --pool NAME` process consumes, and how:
+
+| pool     | queues                   | Celery pool | concurrency (default)         |
+|----------|--------------------------|-------------|-------------------------------|
+| triage   | triage                   | prefork     | CPU count (scoring is CPU)    |
+| slm      | tier.slm                 | threads     | TIERFLEET_SLM_CONCURRENCY, 32 |
+| frontier | tier.frontier            | threads     | TIERFLEET_FRONTIER_CONCURRENCY, 32 |
+| all      | all three                | threads     | TIERFLEET_SLM_CONCURRENCY     |
+
+Tier workers wait on model calls, so they keep many requests in flight on threads (vLLM's
+continuous batching wants them); one process and its connections serve them all.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init
 
-from tierfleet.db import Ledger
+from tierfleet import constants as C
 from tierfleet.settings import Settings
 from tierfleet.transport import make_celery
 from workers import runtime
@@ -19,25 +30,36 @@ from workers import runtime
 POOLS = ("triage", "slm", "frontier", "all")
 
 
-def create_app(
-    settings: Settings, *, broker_url: str | None = None, ledger: Ledger | None = None
-) -> Celery:
+@dataclass(frozen=True, slots=True)
+class PoolPlan:
+    queues: list[str]
+    tiers: tuple[str, ...]  # whose model clients this pool needs
+    celery_pool: str
+    concurrency: int
+
+
+def create_app(settings: Settings, *, broker_url: str | None = None) -> Celery:
     app = make_celery(settings, broker_url=broker_url)
     app.conf.include = ["workers.tasks"]
     import workers.tasks  # noqa: F401  (registers the shared tasks)
 
     app.finalize()
-    runtime.install(settings, app, ledger)
     return app
 
 
-def queues_for_pool(settings: Settings, pool: str) -> list[str]:
-    return {
-        "triage": [settings.queue_triage],
-        "slm": [settings.queue_slm],
-        "frontier": [settings.queue_frontier],
-        "all": [settings.queue_triage, settings.queue_slm, settings.queue_frontier],
-    }[pool]
+def plan_pool(settings: Settings, pool: str, concurrency: int | None = None) -> PoolPlan:
+    if pool == "triage":
+        return PoolPlan([settings.queue_triage], (), "prefork", concurrency or os.cpu_count() or 1)
+    if pool == "slm":
+        n = concurrency or settings.slm_concurrency
+        return PoolPlan([settings.queue_slm], (C.TIER_SLM,), "threads", n)
+    if pool == "frontier":
+        n = concurrency or settings.frontier_concurrency
+        return PoolPlan([settings.queue_frontier], (C.TIER_FRONTIER,), "threads", n)
+    if pool == "all":
+        queues = [settings.queue_triage, settings.queue_slm, settings.queue_frontier]
+        return PoolPlan(queues, C.TIER_LADDER, "threads", concurrency or settings.slm_concurrency)
+    raise ValueError(f"unknown pool {pool!r}; pools are {', '.join(POOLS)}")
 
 
 @worker_process_init.connect

@@ -2,7 +2,8 @@
 
 Each step reads what it needs by primary key, does its work, writes the outcome in one
 transaction, and only then says what message comes next. Steps are idempotent: a message
-for a job that has moved on (terminal, or escalated past this tier) does nothing.
+for a job that has moved on (terminal, or escalated past this tier) does nothing. This is
+the per-job hot path: prebuilt Core statements (`workers/sql.py`), no ORM unit of work.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
-from tierfleet.constants import TERMINAL_STATUSES, JobStatus, Outcome
+from tierfleet.constants import JobStatus, Outcome
 from tierfleet.envelope import JobSpec
 from tierfleet.errors import (
     InvalidOutput,
@@ -26,8 +26,8 @@ from tierfleet.errors import (
     ProviderTimeout,
     RetryableError,
 )
-from tierfleet.models import Attempt, Job
 from tierfleet.prices import Usage
+from workers import sql
 from workers.policy import Action, Decision
 from workers.runtime import Runtime
 from workers.validation import LOW_CONFIDENCE_RULE, validate
@@ -51,12 +51,8 @@ def _now() -> dt.datetime:
 
 
 def triage_job(rt: Runtime, job_id: str) -> Next | None:
-    with rt.ledger.session() as s:
-        row = s.execute(
-            select(Job.feature, Job.route, Job.latency, Job.payload, Job.status).where(
-                Job.id == job_id
-            )
-        ).one_or_none()
+    with rt.ledger.begin() as conn:
+        row = conn.execute(sql.TRIAGE_READ, {"p_id": job_id}).one_or_none()
         if row is None:
             log.warning("job not found", extra={"action": "triage.missing", "job_id": job_id})
             return None
@@ -70,17 +66,15 @@ def triage_job(rt: Runtime, job_id: str) -> Next | None:
             payload=row.payload,
         )
         decision = rt.triage.decide(spec)
-        moved = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-            .values(
-                status=JobStatus.TRIAGED,
-                tier=decision.tier,
-                triage_score=decision.score,
-                triage_reason=decision.reason,
-                triage_version=decision.version,
-            )
-            .returning(Job.id)
+        moved = conn.execute(
+            sql.TRIAGE_WRITE,
+            {
+                "p_id": job_id,
+                "p_tier": decision.tier,
+                "p_score": decision.score,
+                "p_reason": decision.reason,
+                "p_version": decision.version,
+            },
         ).scalar_one_or_none()
     if moved is None:
         return None
@@ -105,20 +99,9 @@ class _Claimed:
 
 
 def _claim(rt: Runtime, job_id: str, tier: str) -> _Claimed | None:
-    """Mark the job running on `tier`, in one statement; None when the job moved on."""
-    with rt.ledger.session() as s:
-        row = s.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.tier == tier,
-                Job.status.in_([JobStatus.TRIAGED, JobStatus.RUNNING]),
-            )
-            .values(status=JobStatus.RUNNING)
-            .returning(
-                Job.feature, Job.route, Job.latency, Job.payload, Job.attempt_count, Job.created_at
-            )
-        ).one_or_none()
+    """Mark the job running on `tier`; None when the job moved on."""
+    with rt.ledger.begin() as conn:
+        row = conn.execute(sql.CLAIM, {"p_id": job_id, "p_tier": tier}).one_or_none()
     if row is None:
         return None
     spec = JobSpec.from_row(
@@ -194,40 +177,33 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
     usage, outcome = call.usage, call.outcome
     cost = rt.prices[backend.model].cost_usd(usage)
 
-    with rt.ledger.session() as s:
-        decision = _decide(rt, s, job_id, tier, call)
-        s.add(
-            Attempt(
-                id=str(uuid.uuid4()),
-                job_id=job_id,
-                seq=claimed.seq,
-                tier=tier,
-                model=backend.model,
-                provider=backend.provider,
-                outcome=outcome,
-                error=call.error or None,
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                cache_read_tokens=usage.cache_read_tokens,
-                cache_write_tokens=usage.cache_write_tokens,
-                latency_ms=latency_ms,
-                cost_usd=cost,
-                mean_logprob=call.mean_logprob,
-                finish_reason=call.finish_reason,
-                feature=spec.feature,
-                started_at=started_at,
-            )
+    with rt.ledger.begin() as conn:
+        decision = _decide(rt, conn, job_id, tier, call)
+        conn.execute(
+            sql.INSERT_ATTEMPT,
+            {
+                "id": str(uuid.uuid4()),
+                "job_id": job_id,
+                "seq": claimed.seq,
+                "tier": tier,
+                "model": backend.model,
+                "provider": backend.provider,
+                "outcome": outcome,
+                "error": call.error or None,
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "cache_read_tokens": usage.cache_read_tokens,
+                "cache_write_tokens": usage.cache_write_tokens,
+                "latency_ms": latency_ms,
+                "cost_usd": cost,
+                "mean_logprob": call.mean_logprob,
+                "finish_reason": call.finish_reason,
+                "feature": spec.feature,
+                "started_at": started_at,
+            },
         )
-        s.flush()
-        s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status.not_in(list(TERMINAL_STATUSES)))
-            .values(
-                cost_usd=Job.cost_usd + cost,
-                attempt_count=Job.attempt_count + 1,
-                **_job_changes(decision, call.result),
-            )
-        )
+        statement, params = _record(decision, call.result)
+        conn.execute(statement, {"p_id": job_id, "p_cost": cost, **params})
 
     rt.metrics.attempt(
         tier=tier,
@@ -253,16 +229,12 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
     return _follow(rt, spec, tier, outcome, decision, claimed.created_at)
 
 
-def _decide(rt: Runtime, s: Session, job_id: str, tier: str, call: CallResult) -> Decision:
+def _decide(rt: Runtime, conn: Connection, job_id: str, tier: str, call: CallResult) -> Decision:
     """Ask the policy; the counts it needs come from this job's earlier attempts on `tier`
     (the success path needs none and reads none)."""
     if call.outcome is Outcome.SUCCEEDED:
         return Decision(Action.SUCCEED)
-    rows = s.execute(
-        select(Attempt.outcome, func.count())
-        .where(Attempt.job_id == job_id, Attempt.tier == tier)
-        .group_by(Attempt.outcome)
-    )
+    rows = conn.execute(sql.OUTCOME_COUNTS, {"p_id": job_id, "p_tier": tier})
     counts = {outcome: n for outcome, n in rows}
     return rt.policy.decide(
         tier=tier,
@@ -274,19 +246,15 @@ def _decide(rt: Runtime, s: Session, job_id: str, tier: str, call: CallResult) -
     )
 
 
-def _job_changes(decision: Decision, result: Any) -> dict[str, Any]:
+def _record(decision: Decision, result: Any) -> tuple[Any, dict[str, Any]]:
+    """The statement that books the attempt on the job, and its parameters."""
     if decision.action is Action.SUCCEED:
-        return {
-            "status": JobStatus.SUCCEEDED,
-            "result": result,
-            "error": None,
-            "finished_at": _now(),
-        }
+        return sql.RECORD_SUCCEEDED, {"p_result": result}
     if decision.action is Action.FAIL:
-        return {"status": JobStatus.FAILED, "error": decision.reason, "finished_at": _now()}
+        return sql.RECORD_FAILED, {"p_error": decision.reason}
     if decision.action is Action.ESCALATE:
-        return {"status": JobStatus.TRIAGED, "tier": decision.next_tier}
-    return {"status": JobStatus.TRIAGED}
+        return sql.RECORD_ESCALATED, {"p_tier": decision.next_tier}
+    return sql.RECORD_RETRY, {}
 
 
 def _follow(

@@ -1,13 +1,16 @@
 """What a worker process holds: settings, ledger, prices, metrics, backends, policy.
 
-Built once per process (after the fork, so no connection crosses it) by `runtime()`.
+Built once per process (after the fork, so no connection crosses it) by `runtime()`,
+from what `install()` was told: the settings, the Celery app, and which tiers this
+worker serves (only their model clients are made, and only their settings are needed).
 """
 
 from __future__ import annotations
 
 import importlib
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from celery import Celery
 
@@ -23,6 +26,17 @@ from workers.policy import EscalationPolicy
 from workers.triage import Scorer, Triage
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How to build a process's runtime."""
+
+    settings: Settings
+    celery: Celery
+    ledger: Ledger | None = None  # None: a new engine from DATABASE_URL
+    tiers: Sequence[str] = C.TIER_LADDER  # the tiers whose model clients are needed
+    db_pool_size: int = 5  # at least the worker's thread count
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -33,16 +47,28 @@ class Runtime:
     triage: Triage
     policy: EscalationPolicy
     celery: Celery
+    owns_ledger: bool = field(default=True)
 
     @classmethod
-    def build(cls, settings: Settings, celery: Celery, ledger: Ledger | None = None) -> Runtime:
+    def build(
+        cls,
+        settings: Settings,
+        celery: Celery,
+        ledger: Ledger | None = None,
+        *,
+        tiers: Sequence[str] = C.TIER_LADDER,
+        db_pool_size: int = 5,
+    ) -> Runtime:
         prices = PriceBook.load(settings.prices_file)
-        backends = make_backends(settings)
+        backends = make_backends(settings, tiers, max_connections=max(db_pool_size, 8))
         for backend in backends.values():
             prices[backend.model]  # a model without a price stops the worker at start
         return cls(
             settings=settings,
-            ledger=ledger or Ledger(engine_from_settings(settings)),
+            # No ping per checkout (a round trip per transaction): a dead connection
+            # raises OperationalError, the pool is invalidated, the task retries.
+            ledger=ledger
+            or Ledger(engine_from_settings(settings, pool_size=db_pool_size, pool_pre_ping=False)),
             prices=prices,
             metrics=Metrics.from_settings(settings),
             backends=backends,
@@ -59,7 +85,17 @@ class Runtime:
                 max_delay_s=settings.retry_max_delay_s,
             ),
             celery=celery,
+            owns_ledger=ledger is None,
         )
+
+    def close(self) -> None:
+        for backend in self.backends.values():
+            close = getattr(backend, "close", None)
+            if close is not None:
+                close()
+        self.metrics.close()
+        if self.owns_ledger:
+            self.ledger.engine.dispose()
 
 
 def load_scorer(path: str) -> Scorer:
@@ -75,39 +111,78 @@ def load_scorer(path: str) -> Scorer:
     return scorer
 
 
-def make_backends(settings: Settings) -> dict[str, ModelBackend]:
-    if not settings.use_sim_backends:
+def make_backends(
+    settings: Settings, tiers: Sequence[str], *, max_connections: int = 64
+) -> dict[str, ModelBackend]:
+    """The model client for each tier in `tiers`: simulated, or the real one (whose
+    client library is imported only here, only by a worker that needs it)."""
+    backends: dict[str, ModelBackend] = {}
+    for tier in tiers:
+        if settings.use_sim_backends:
+            backends[tier] = _simulated(settings, tier)
+        elif tier == C.TIER_SLM:
+            backends[tier] = _vllm(settings, max_connections)
+        else:
+            backends[tier] = _anthropic(settings, max_connections)
+    return backends
+
+
+def _simulated(settings: Settings, tier: str) -> SimulatedBackend:
+    rate = settings.sim_invalid_rate if tier == C.TIER_SLM else settings.sim_frontier_invalid_rate
+    return SimulatedBackend(
+        tier=tier,
+        model=settings.model_for(tier),
+        mean_latency_s=settings.sim_latency_s,
+        invalid_rate=rate,
+        seed=settings.sim_seed,
+    )
+
+
+def _vllm(settings: Settings, max_connections: int) -> ModelBackend:
+    if not settings.vllm_base_url:
         raise ConfigurationError(
-            "real model backends (VLLM_BASE_URL / ANTHROPIC_API_KEY) are not available in "
-            "this version; set TIERFLEET_BACKEND=sim"
+            "the small tier needs VLLM_BASE_URL (vLLM's OpenAI-compatible server, e.g. "
+            "http://vllm:8000/v1), or TIERFLEET_BACKEND=sim for simulated models"
         )
-    rates = {
-        C.TIER_SLM: settings.sim_invalid_rate,
-        C.TIER_FRONTIER: settings.sim_frontier_invalid_rate,
-    }
-    return {
-        tier: SimulatedBackend(
-            tier=tier,
-            model=settings.model_for(tier),
-            mean_latency_s=settings.sim_latency_s,
-            invalid_rate=rates[tier],
-            seed=settings.sim_seed,
+    from workers.backends.vllm import VLLMBackend
+
+    key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
+    return VLLMBackend(
+        base_url=settings.vllm_base_url,
+        model=settings.slm_model,
+        api_key=key,
+        max_connections=max_connections,
+    )
+
+
+def _anthropic(settings: Settings, max_connections: int) -> ModelBackend:
+    if settings.anthropic_api_key is None:
+        raise ConfigurationError(
+            "the frontier tier needs ANTHROPIC_API_KEY, or TIERFLEET_BACKEND=sim for "
+            "simulated models"
         )
-        for tier in C.TIER_LADDER
-    }
+    from workers.backends.anthropic_api import AnthropicBackend
+
+    return AnthropicBackend(
+        api_key=settings.anthropic_api_key.get_secret_value(),
+        base_url=settings.anthropic_base_url,
+        model=settings.frontier_model,
+        prompt_cache=settings.anthropic_prompt_cache,
+        max_connections=max_connections,
+    )
 
 
 _lock = threading.Lock()
 _current: Runtime | None = None
-_factory: tuple[Settings, Celery, Ledger | None] | None = None
+_spec: WorkerSpec | None = None
 
 
-def install(settings: Settings, celery: Celery, ledger: Ledger | None = None) -> None:
-    """Say how this process's runtime is built; it is built on first use."""
-    global _factory, _current
+def install(spec: WorkerSpec, current: Runtime | None = None) -> None:
+    """Say how this process's runtime is built (it is built on first use), or hand over
+    one already built."""
+    global _spec, _current
     with _lock:
-        _factory = (settings, celery, ledger)
-        _current = None
+        _spec, _current = spec, current
 
 
 def reset_after_fork() -> None:
@@ -120,7 +195,13 @@ def runtime() -> Runtime:
     if _current is None:
         with _lock:
             if _current is None:
-                if _factory is None:
+                if _spec is None:
                     raise ConfigurationError("worker runtime used before install()")
-                _current = Runtime.build(*_factory)
+                _current = Runtime.build(
+                    _spec.settings,
+                    _spec.celery,
+                    _spec.ledger,
+                    tiers=_spec.tiers,
+                    db_pool_size=_spec.db_pool_size,
+                )
     return _current

@@ -12,13 +12,13 @@ book = PriceBook.load()
 
 
 def test_frontier_cost_is_list_price_times_tokens() -> None:
-    sonnet = book["claude-sonnet-4-5"]
+    sonnet = book["claude-sonnet-4-6"]
     # 1,234 input at $3/M and 567 output at $15/M
     assert sonnet.cost_usd(Usage(1234, 567)) == Decimal("0.003702") + Decimal("0.008505")
 
 
 def test_cache_tokens_use_the_multipliers_and_batch_halves() -> None:
-    sonnet = book["claude-sonnet-4-5"]
+    sonnet = book["claude-sonnet-4-6"]
     usage = Usage(
         input_tokens=100, output_tokens=10, cache_write_tokens=1000, cache_read_tokens=10_000
     )

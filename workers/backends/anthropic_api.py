@@ -1,0 +1,152 @@
+"""The frontier tier: Claude through the official `anthropic` SDK (Messages API).
+
+- Output schemas: the schema becomes the `input_schema` of one tool the model is made to
+  call (`tool_choice`), and the tool's input is the answer, validated like any other.
+- Prompt caching: the tool definition, the system prompt and, in a conversation, the
+  turns before the last user message are marked `cache_control: ephemeral`; the usage's
+  `cache_creation_input_tokens` and `cache_read_input_tokens` are recorded and priced with
+  the cache multipliers. (Prefixes under the model's minimum are simply not cached.)
+- The SDK's retries are off; the escalation policy owns retries (`faults.py`).
+- `temperature` is not sent: the Messages API of current Claude models takes none (the
+  SDK has no such argument); the model's default sampling applies.
+
+Imported only by a worker that serves the frontier tier.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import anthropic
+import httpx2
+
+from tierfleet.envelope import JobSpec
+from tierfleet.prices import Usage
+from workers.backends.base import Completion
+from workers.backends.faults import connection_fault, status_fault, timeout_fault
+
+PROVIDER = "anthropic"
+EPHEMERAL = {"type": "ephemeral"}
+_WRAPPED = "value"  # the property a non-object output schema is wrapped in
+
+
+class AnthropicBackend:
+    """A `ModelBackend` for Claude. Thread-safe: one client shared by the worker threads."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        model: str,
+        base_url: str | None = None,
+        tier: str = "frontier",
+        prompt_cache: bool = True,
+        max_connections: int = 64,
+    ) -> None:
+        self.tier = tier
+        self.model = model
+        self.provider = PROVIDER
+        self.prompt_cache = prompt_cache
+        limits = httpx2.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        self._client = anthropic.Anthropic(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,  # the escalation policy owns retries
+            http_client=httpx2.Client(limits=limits),
+        )
+
+    def __repr__(self) -> str:  # never the key
+        return f"AnthropicBackend(model={self.model!r}, prompt_cache={self.prompt_cache})"
+
+    def complete(self, job: JobSpec, *, timeout_s: float) -> Completion:
+        request = build_request(job, model=self.model, prompt_cache=self.prompt_cache)
+        try:
+            message = self._client.messages.create(**request, timeout=timeout_s)
+        except anthropic.APITimeoutError:
+            raise timeout_fault(PROVIDER, timeout_s) from None
+        except anthropic.APIConnectionError as exc:
+            raise connection_fault(PROVIDER, exc) from None
+        except anthropic.APIStatusError as exc:
+            raise status_fault(
+                PROVIDER, exc.status_code, _error_message(exc), exc.response.headers
+            ) from None
+        usage = message.usage
+        return Completion(
+            text=_answer_text(message, wrapped=_needs_wrapping(job)),
+            usage=Usage(
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cache_write_tokens=usage.cache_creation_input_tokens or 0,
+                cache_read_tokens=usage.cache_read_input_tokens or 0,
+            ),
+            finish_reason="length" if message.stop_reason == "max_tokens" else "stop",
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def build_request(job: JobSpec, *, model: str, prompt_cache: bool) -> dict[str, Any]:
+    """The `messages.create` arguments for `job` (a pure function, tested on its own)."""
+    cache = {"cache_control": EPHEMERAL} if prompt_cache else {}
+    messages: list[dict[str, Any]] = [
+        {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
+        for m in job.messages
+    ]
+    if len(messages) > 1 and cache:  # the shared conversation before the last user turn
+        messages[-2]["content"][-1].update(cache)
+    request: dict[str, Any] = {
+        "model": model,
+        "max_tokens": job.max_tokens,
+        "messages": messages,
+    }
+    if job.system:
+        request["system"] = [{"type": "text", "text": job.system, **cache}]
+    if job.output_schema is not None:
+        name = _tool_name(job)
+        schema = dict(job.output_schema)
+        if _needs_wrapping(job):
+            schema = {"type": "object", "properties": {_WRAPPED: schema}, "required": [_WRAPPED]}
+        request["tools"] = [
+            {
+                "name": name,
+                "description": "Give the answer as structured data matching this schema.",
+                "input_schema": schema,
+                **cache,
+            }
+        ]
+        request["tool_choice"] = {"type": "tool", "name": name}
+    return request
+
+
+def _tool_name(job: JobSpec) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", job.output_schema_name or "answer")[:64]
+
+
+def _needs_wrapping(job: JobSpec) -> bool:
+    schema = job.output_schema
+    return schema is not None and schema.get("type", "object") != "object"
+
+
+def _answer_text(message: Any, *, wrapped: bool) -> str:
+    for block in message.content:
+        if block.type == "tool_use":
+            value = block.input
+            if wrapped and isinstance(value, Mapping):
+                value = value.get(_WRAPPED)
+            return json.dumps(value)
+    return "".join(block.text for block in message.content if block.type == "text")
+
+
+def _error_message(exc: anthropic.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping) and inner.get("message"):
+            return str(inner["message"])
+    return str(exc.message)
