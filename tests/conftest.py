@@ -235,3 +235,48 @@ def wait_until(
             pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.5)
+
+
+@pytest.fixture(scope="session")
+def _fake_vllm() -> Iterator[Any]:
+    from tests.fakes import FakeVLLM
+
+    with FakeVLLM() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def _fake_anthropic() -> Iterator[Any]:
+    from tests.fakes import FakeAnthropic
+
+    with FakeAnthropic() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake_vllm(_fake_vllm: Any) -> Any:
+    """The fake vLLM server (one per session), with a clean script for this test."""
+    _fake_vllm.reset()
+    return _fake_vllm
+
+
+@pytest.fixture
+def fake_anthropic(_fake_anthropic: Any) -> Any:
+    """The fake Anthropic API (one per session), with a clean script for this test."""
+    _fake_anthropic.reset()
+    return _fake_anthropic
+
+
+FAKE_API_KEY = "sk-ant-api03-FAKE-SECRET-KEY"
+
+
+@pytest.fixture
+def real_env(fleet_env: dict[str, str], fake_vllm: Any, fake_anthropic: Any) -> dict[str, str]:
+    """`fleet_env` with the real backends, pointed at the fake servers."""
+    return {
+        **fleet_env,
+        "TIERFLEET_BACKEND": "real",
+        "VLLM_BASE_URL": fake_vllm.base_url,
+        "ANTHROPIC_API_KEY": FAKE_API_KEY,
+        "ANTHROPIC_BASE_URL": fake_anthropic.base_url,
+    }

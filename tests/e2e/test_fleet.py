@@ -42,10 +42,12 @@ def all_terminal(ledger: Ledger, expected: int) -> bool:
     return done == expected
 
 
-def hand_priced(model: str, input_tokens: int, output_tokens: int) -> Decimal:
+def hand_priced(
+    model: str, input_tokens: int, output_tokens: int, cache_write: int = 0, cache_read: int = 0
+) -> Decimal:
     """The price file's arithmetic, done here independently of tierfleet.prices."""
     data = tomllib.loads(default_prices_file().read_text())
-    entry = data["models"][model]
+    entry = {**data["defaults"], **data["models"][model]}
     if "gpu_usd_per_hour" in entry:
         hour = Decimal(str(entry["gpu_usd_per_hour"]))
         util = Decimal(str(entry["utilization"]))
@@ -54,7 +56,10 @@ def hand_priced(model: str, input_tokens: int, output_tokens: int) -> Decimal:
     else:
         per_in = Decimal(str(entry["input_usd_per_mtok"])) / 1_000_000
         per_out = Decimal(str(entry["output_usd_per_mtok"])) / 1_000_000
-    return (input_tokens * per_in + output_tokens * per_out).quantize(Decimal("1e-8"))
+    write = per_in * Decimal(str(entry["cache_write_multiplier"]))
+    read = per_in * Decimal(str(entry["cache_read_multiplier"]))
+    total = input_tokens * per_in + output_tokens * per_out + cache_write * write
+    return (total + cache_read * read).quantize(Decimal("1e-8"))
 
 
 def test_a_batch_runs_end_to_end_with_escalations_costs_and_metrics(
