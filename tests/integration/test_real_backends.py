@@ -176,7 +176,7 @@ def test_a_429_then_success_is_retried_after_retry_after_and_billed_once(
     assert run(rt, job_id) == [Next("frontier"), Next("frontier", 1.5)]
 
     done = view(rt, job_id)
-    assert [(a.outcome, a.cost_usd) for a in done.attempts][0] == ("error", Decimal(0))
+    assert (done.attempts[0].outcome, done.attempts[0].cost_usd) == ("error", Decimal(0))
     assert "429" in (done.attempts[0].error or "")
     paid = done.attempts[1]
     assert paid.outcome == "succeeded"
