@@ -66,6 +66,8 @@ class AttemptView:
     cache_write_tokens: int
     latency_ms: int
     cost_usd: Decimal
+    mean_logprob: float | None = None
+    finish_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,8 @@ def get_job(session: Session, job_id: str) -> JobView:
             cache_write_tokens=a.cache_write_tokens,
             latency_ms=a.latency_ms,
             cost_usd=a.cost_usd,
+            mean_logprob=a.mean_logprob,
+            finish_reason=a.finish_reason,
         )
         for a in rows
     )

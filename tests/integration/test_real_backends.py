@@ -105,6 +105,7 @@ def test_a_small_model_answer_is_schema_constrained_and_priced_from_gpu_hours(
     }
     [attempt] = done.attempts
     assert (attempt.provider, attempt.model) == ("vllm", "meta-llama/Meta-Llama-3-8B-Instruct")
+    assert attempt.mean_logprob == pytest.approx(-0.1)  # the fake's token logprobs average
     [request] = fake_vllm.requests
     body = request.body
     assert body["response_format"]["type"] == "json_schema"
