@@ -253,18 +253,33 @@ def _fake_anthropic() -> Iterator[Any]:
         yield fake
 
 
+def _fresh(fake: Any) -> Any:
+    wait_until(lambda: fake.in_flight == 0, timeout_s=5, what="the previous test's requests")
+    fake.reset()
+    return fake
+
+
 @pytest.fixture
 def fake_vllm(_fake_vllm: Any) -> Any:
     """The fake vLLM server (one per session), with a clean script for this test."""
-    _fake_vllm.reset()
-    return _fake_vllm
+    return _fresh(_fake_vllm)
 
 
 @pytest.fixture
 def fake_anthropic(_fake_anthropic: Any) -> Any:
     """The fake Anthropic API (one per session), with a clean script for this test."""
-    _fake_anthropic.reset()
-    return _fake_anthropic
+    return _fresh(_fake_anthropic)
+
+
+@pytest.fixture
+def client(settings: Settings, ledger: Ledger) -> Iterator[Any]:
+    """The producer client on the test services."""
+    from producers import Client
+    from tierfleet.transport import make_celery
+
+    client = Client(settings, ledger, make_celery(settings))
+    yield client
+    client.close()
 
 
 FAKE_API_KEY = "sk-ant-api03-FAKE-SECRET-KEY"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tomllib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from itertools import islice
 
@@ -19,19 +19,10 @@ from tierfleet.db import Ledger
 from tierfleet.demo import example_jobs
 from tierfleet.models import Attempt, Job
 from tierfleet.resources import default_prices_file
-from tierfleet.settings import Settings
-from tierfleet.transport import make_celery
 
 pytestmark = pytest.mark.e2e
 
 N_JOBS = 120
-
-
-@pytest.fixture
-def client(settings: Settings, ledger: Ledger) -> Iterator[Client]:
-    client = Client(settings, ledger, make_celery(settings))
-    yield client
-    client.close()
 
 
 def all_terminal(ledger: Ledger, expected: int) -> bool:

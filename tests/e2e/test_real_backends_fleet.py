@@ -5,7 +5,7 @@ were asked."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from itertools import islice
 from typing import Any
 
@@ -20,17 +20,8 @@ from tierfleet.constants import JobStatus
 from tierfleet.db import Ledger
 from tierfleet.demo import example_jobs
 from tierfleet.models import Attempt, Job
-from tierfleet.settings import Settings
-from tierfleet.transport import make_celery
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def client(settings: Settings, ledger: Ledger) -> Iterator[Client]:
-    client = Client(settings, ledger, make_celery(settings))
-    yield client
-    client.close()
 
 
 def test_a_mixed_batch_through_the_real_clients(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,17 +14,8 @@ from tierfleet.constants import TASK_TRIAGE, JobStatus
 from tierfleet.db import Ledger
 from tierfleet.errors import InvalidEnvelope, JobNotFound
 from tierfleet.models import Job
-from tierfleet.settings import Settings
-from tierfleet.transport import make_celery
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def client(settings: Settings, ledger: Ledger) -> Iterator[Client]:
-    client = Client(settings, ledger, make_celery(settings))
-    yield client
-    client.close()
 
 
 def queued_messages(redis_url: str, queue: str) -> list[dict[str, Any]]:

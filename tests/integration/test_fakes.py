@@ -11,7 +11,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import anthropic
@@ -21,6 +21,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import wait_until
 from tests.fakes import (
     Answer,
     Drop,
@@ -62,17 +63,6 @@ def tokens(value: Any) -> int:
     return max(1, math.ceil(len(text) / 4))
 
 
-def wait_for(predicate: Callable[[], Any], *, timeout_s: float = 5.0, what: str = "it") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.01)
-
-
 def user(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
 
@@ -80,30 +70,14 @@ def user(text: str) -> list[dict[str, Any]]:
 # --- fixtures ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def vllm_server() -> Iterator[FakeVLLM]:
-    with FakeVLLM() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def anthropic_server() -> Iterator[FakeAnthropic]:
-    with FakeAnthropic() as fake:
-        yield fake
+@pytest.fixture
+def vllm(fake_vllm: FakeVLLM) -> FakeVLLM:
+    return fake_vllm
 
 
 @pytest.fixture
-def vllm(vllm_server: FakeVLLM) -> FakeVLLM:
-    wait_for(lambda: vllm_server.in_flight == 0, what="the previous test's requests")
-    vllm_server.reset()
-    return vllm_server
-
-
-@pytest.fixture
-def claude_fake(anthropic_server: FakeAnthropic) -> FakeAnthropic:
-    wait_for(lambda: anthropic_server.in_flight == 0, what="the previous test's requests")
-    anthropic_server.reset()
-    return anthropic_server
+def claude_fake(fake_anthropic: FakeAnthropic) -> FakeAnthropic:
+    return fake_anthropic
 
 
 @pytest.fixture
@@ -297,7 +271,7 @@ def test_hang_past_client_timeout(vllm: FakeVLLM, oai: openai.OpenAI) -> None:
         oai.chat.completions.create(model=vllm.model, messages=user("hi"), timeout=0.2)
     assert time.monotonic() - started < 5
     # the fake notices the client leaving and stops counting the request
-    wait_for(lambda: vllm.in_flight == 0, what="the hung request to end")
+    wait_until(lambda: vllm.in_flight == 0, what="the hung request to end")
 
 
 def test_drop_is_a_connection_error(vllm: FakeVLLM, oai: openai.OpenAI) -> None:
@@ -338,7 +312,7 @@ def test_metrics_count_requests_in_flight(vllm: FakeVLLM, oai: openai.OpenAI) ->
     thread = threading.Thread(target=call)
     thread.start()
     try:
-        seen = wait_for(
+        seen = wait_until(
             lambda: (g := gauges())["vllm:num_requests_running"] == 1 and g,
             what="running == 1",
         )
@@ -388,7 +362,7 @@ def test_stop_drops_hung_requests() -> None:
     thread = threading.Thread(target=call)
     thread.start()
     try:
-        wait_for(lambda: fake.in_flight == 1, what="the request to hang")
+        wait_until(lambda: fake.in_flight == 1, what="the request to hang")
         started = time.monotonic()
         fake.stop()
         assert time.monotonic() - started < 3
@@ -640,4 +614,4 @@ def test_anthropic_markers_hang_and_drop(
 
     with pytest.raises(anthropic.APITimeoutError):
         claude.messages.create(model=CLAUDE, max_tokens=8, messages=user("SLOW"), timeout=0.2)
-    wait_for(lambda: claude_fake.in_flight == 0, what="the hung request to end")
+    wait_until(lambda: claude_fake.in_flight == 0, what="the hung request to end")
