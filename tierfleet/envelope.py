@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fastjsonschema
 import jsonschema
 from jsonschema.exceptions import SchemaError, ValidationError, best_match
 
@@ -92,6 +93,17 @@ def _envelope_validator() -> jsonschema.protocols.Validator:
 
 
 @functools.cache
+def _fast_validator() -> Any:
+    """The envelope schema compiled to Python (fastjsonschema): about ten times faster
+    than `jsonschema`, for the common case of a valid envelope. The schema keeps to
+    keywords that mean the same in draft 7, which fastjsonschema compiles. Its verdict
+    "invalid" is only a hint: the message always comes from `jsonschema`, the reference."""
+    schema = json.loads((schemas_dir() / "job.schema.json").read_text(encoding="utf-8"))
+    schema["$schema"] = "http://json-schema.org/draft-07/schema#"
+    return fastjsonschema.compile(schema, use_default=False)
+
+
+@functools.cache
 def named_output_schema(name: str) -> Mapping[str, Any]:
     path: Path = schemas_dir() / "outputs" / f"{name}.json"
     if not path.is_file():
@@ -158,10 +170,13 @@ def parse_envelope(data: Any, *, tiers: Sequence[str] = C.TIER_LADDER) -> JobSpe
     """Validate one envelope and normalise it; raise `InvalidEnvelope` naming the field."""
     if not isinstance(data, Mapping):
         raise InvalidEnvelope(f"a job envelope is a JSON object, not {type(data).__name__}")
-    error = best_match(_envelope_validator().iter_errors(data))
-    if error is not None:
-        message, where = _describe(error)
-        raise InvalidEnvelope(message, field=where)
+    try:
+        _fast_validator()(data)
+    except fastjsonschema.JsonSchemaException:
+        error = best_match(_envelope_validator().iter_errors(data))
+        if error is not None:
+            message, where = _describe(error)
+            raise InvalidEnvelope(message, field=where) from None
 
     route = data.get("route", C.ROUTE_AUTO)
     if route != C.ROUTE_AUTO and route not in tiers:

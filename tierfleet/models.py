@@ -70,7 +70,16 @@ class Batch(Base):
     feature: Mapped[str | None] = mapped_column(String(100))
     options: Mapped[dict[str, Any]] = mapped_column(JSONDoc, default=dict)
     job_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Bulk submission: the input's digest (the batch id derives from it), how many
+    # lines it had and rejected, and how far writing and enqueueing got (for resume).
+    digest: Mapped[str | None] = mapped_column(String(64))
+    total_lines: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    rejected: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    written_through: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    enqueued_through: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    spend_cap_usd: Mapped[Decimal | None] = mapped_column(USD)
     created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
+    cancelled_at: Mapped[dt.datetime | None] = mapped_column(_now())
 
     __table_args__ = (Index(None, "created_at"),)
 
@@ -81,6 +90,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    line: Mapped[int | None] = mapped_column(Integer)  # its line in the batch's input
     feature: Mapped[str] = mapped_column(String(100))
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"))
     route: Mapped[str] = mapped_column(String(32))
@@ -94,6 +104,8 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     cost_usd: Mapped[Decimal] = mapped_column(USD, default=Decimal(0))
     attempt_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts with seq <= attempt_floor belong to an earlier run (before a retry).
+    attempt_floor: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
     updated_at: Mapped[dt.datetime] = mapped_column(
         _now(), server_default=func.now(), onupdate=func.now()
@@ -106,6 +118,7 @@ class Job(Base):
 
     __table_args__ = (
         Index(None, "batch_id", "status"),
+        Index(None, "batch_id", "line"),
         Index(None, "status", "updated_at"),
         Index(None, "feature", "created_at"),
         Index(None, "created_at"),

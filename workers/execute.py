@@ -95,6 +95,7 @@ def triage_job(rt: Runtime, job_id: str) -> Next | None:
 class _Claimed:
     spec: JobSpec
     seq: int
+    floor: int  # attempts up to this seq belong to an earlier run (see `tierfleet retry`)
     created_at: dt.datetime
 
 
@@ -107,7 +108,7 @@ def _claim(rt: Runtime, job_id: str, tier: str) -> _Claimed | None:
     spec = JobSpec.from_row(
         id=job_id, feature=row.feature, route=row.route, latency=row.latency, payload=row.payload
     )
-    return _Claimed(spec, row.attempt_count + 1, row.created_at)
+    return _Claimed(spec, row.attempt_count + 1, row.attempt_floor, row.created_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +179,7 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
     cost = rt.prices[backend.model].cost_usd(usage)
 
     with rt.ledger.begin() as conn:
-        decision = _decide(rt, conn, job_id, tier, call)
+        decision = _decide(rt, conn, job_id, tier, call, claimed.floor)
         conn.execute(
             sql.INSERT_ATTEMPT,
             {
@@ -229,12 +230,14 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
     return _follow(rt, spec, tier, outcome, decision, claimed.created_at)
 
 
-def _decide(rt: Runtime, conn: Connection, job_id: str, tier: str, call: CallResult) -> Decision:
+def _decide(
+    rt: Runtime, conn: Connection, job_id: str, tier: str, call: CallResult, floor: int
+) -> Decision:
     """Ask the policy; the counts it needs come from this job's earlier attempts on `tier`
     (the success path needs none and reads none)."""
     if call.outcome is Outcome.SUCCEEDED:
         return Decision(Action.SUCCEED)
-    rows = conn.execute(sql.OUTCOME_COUNTS, {"p_id": job_id, "p_tier": tier})
+    rows = conn.execute(sql.OUTCOME_COUNTS, {"p_id": job_id, "p_tier": tier, "p_floor": floor})
     counts = {outcome: n for outcome, n in rows}
     return rt.policy.decide(
         tier=tier,

@@ -48,14 +48,26 @@ CLAIM = (
         Job.status.in_([JobStatus.TRIAGED, JobStatus.RUNNING]),
     )
     .values(status=JobStatus.RUNNING)
-    .returning(Job.feature, Job.route, Job.latency, Job.payload, Job.attempt_count, Job.created_at)
+    .returning(
+        Job.feature,
+        Job.route,
+        Job.latency,
+        Job.payload,
+        Job.attempt_count,
+        Job.attempt_floor,
+        Job.created_at,
+    )
 )
 
 INSERT_ATTEMPT = insert(Attempt)
 
 OUTCOME_COUNTS = (
     select(Attempt.outcome, func.count())
-    .where(Attempt.job_id == _p("p_id"), Attempt.tier == _p("p_tier", Attempt.__table__.c.tier))
+    .where(
+        Attempt.job_id == _p("p_id"),
+        Attempt.tier == _p("p_tier", Attempt.__table__.c.tier),
+        Attempt.seq > _p("p_floor", Attempt.__table__.c.seq),  # this run's attempts only
+    )
     .group_by(Attempt.outcome)
 )
 
