@@ -6,27 +6,15 @@ Exit codes: 0 success; 1 the work ran but some of it failed; 2 bad usage or bad 
 
 from __future__ import annotations
 
-import enum
 import json
 import sys
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
 
+from tierfleet.cli_common import Exit, err, fail, load_settings
 from tierfleet.errors import ConfigurationError, JobNotFound, TierfleetError
-from tierfleet.settings import Settings, env_names
-
-
-class Exit(enum.IntEnum):
-    OK = 0
-    WORK_FAILED = 1
-    USAGE = 2
-    UNAVAILABLE = 3
-    NOT_FOUND = 4
-
 
 app = typer.Typer(
     help="tierfleet: run LLM jobs on the cheapest model tier that passes validation.",
@@ -37,26 +25,6 @@ db_app = typer.Typer(help="The ledger database.", no_args_is_help=True)
 job_app = typer.Typer(help="Look at single jobs.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(job_app, name="job")
-
-err = Console(stderr=True, soft_wrap=True)
-
-
-def _settings(**overrides: object) -> Settings:
-    try:
-        return Settings.from_env(**overrides)
-    except ValidationError as exc:
-        names = env_names()
-        for e in exc.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            message = escape(e["msg"].removeprefix("Value error, "))
-            where = f"setting {names.get(loc, loc)}: " if loc else ""
-            err.print(f"[red]error:[/] {where}{message}")
-        raise typer.Exit(Exit.USAGE) from None
-
-
-def _fail(message: str, code: Exit) -> typer.Exit:
-    err.print(f"[red]error:[/] {escape(message)}")
-    return typer.Exit(code)
 
 
 @app.command()
@@ -75,7 +43,7 @@ def demo(
     from tierfleet.demo import run_demo
     from tierfleet.logs import setup_logging
 
-    settings = _settings()
+    settings = load_settings()
     setup_logging("WARNING")
     try:
         console = Console()
@@ -83,9 +51,9 @@ def demo(
             console = Console(width=120)
         row = run_demo(settings, jobs=jobs, concurrency=concurrency, console=console)
     except ConfigurationError as exc:
-        raise _fail(str(exc), Exit.USAGE) from None
+        raise fail(str(exc), Exit.USAGE) from None
     except TierfleetError as exc:
-        raise _fail(str(exc), Exit.WORK_FAILED) from None
+        raise fail(str(exc), Exit.WORK_FAILED) from None
     print(row.summary_line())
 
 
@@ -115,8 +83,8 @@ def worker(
     from workers.runtime import Runtime, WorkerSpec, install
 
     if pool not in POOLS:
-        raise _fail(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}", Exit.USAGE)
-    settings = _settings()
+        raise fail(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}", Exit.USAGE)
+    settings = load_settings()
     setup_logging(loglevel)
     plan = plan_pool(settings, pool, concurrency)
     try:
@@ -125,9 +93,9 @@ def worker(
         built = Runtime.build(settings, celery, tiers=spec.tiers, db_pool_size=spec.db_pool_size)
         check_ledger(built.ledger)  # fail fast on bad config, before taking any message
     except ConfigurationError as exc:
-        raise _fail(str(exc), Exit.USAGE) from None
+        raise fail(str(exc), Exit.USAGE) from None
     except ServiceUnavailable as exc:
-        raise _fail(str(exc), Exit.UNAVAILABLE) from None
+        raise fail(str(exc), Exit.UNAVAILABLE) from None
     if plan.celery_pool == "prefork":
         built.close()  # each child builds its own after the fork
         install(spec)
@@ -160,14 +128,14 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
     from tierfleet.db import upgrade
     from tierfleet.settings import redact_url
 
-    settings = _settings()
+    settings = load_settings()
     url = settings.database_url_value()
     if url is None:
-        raise _fail("DATABASE_URL is not set", Exit.USAGE)
+        raise fail("DATABASE_URL is not set", Exit.USAGE)
     try:
         upgrade(url, revision)
     except OperationalError as exc:
-        raise _fail(f"cannot reach {redact_url(url)}: {exc.orig}", Exit.UNAVAILABLE) from None
+        raise fail(f"cannot reach {redact_url(url)}: {exc.orig}", Exit.UNAVAILABLE) from None
     err.print(f"ledger at {redact_url(url)} is at revision {revision}")
 
 
@@ -177,16 +145,16 @@ def job_get(job_id: str) -> None:
     from tierfleet.db import Ledger, engine_from_settings
     from tierfleet.store import get_job
 
-    settings = _settings()
+    settings = load_settings()
     try:
         ledger = Ledger(engine_from_settings(settings))
     except TierfleetError as exc:
-        raise _fail(str(exc), Exit.USAGE) from None
+        raise fail(str(exc), Exit.USAGE) from None
     try:
         with ledger.session() as s:
             view = get_job(s, job_id)
     except JobNotFound as exc:
-        raise _fail(str(exc), Exit.NOT_FOUND) from None
+        raise fail(str(exc), Exit.NOT_FOUND) from None
     finally:
         ledger.engine.dispose()
     print(json.dumps(view.to_dict(), indent=2, default=str))

@@ -25,6 +25,7 @@ QUEUE_FRONTIER: Final = "tier.frontier"
 # Celery task names. Producers send by name; they never import the worker code.
 TASK_TRIAGE: Final = "tierfleet.triage"
 TASK_ATTEMPT: Final = "tierfleet.attempt"
+TASK_TRIAGE_RANGE: Final = "tierfleet.triage_range"  # a bulk chunk: batch id, line range
 
 # Redis keys. Celery (kombu) keeps each queue as a list named after the queue, and the
 # messages delivered but not yet acknowledged in a hash and a sorted set.

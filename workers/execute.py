@@ -91,6 +91,38 @@ def triage_job(rt: Runtime, job_id: str) -> Next | None:
     return Next(decision.tier)
 
 
+def triage_range(rt: Runtime, batch_id: str, first: int, last: int) -> list[tuple[str, Next]]:
+    """Triage a bulk chunk: the batch's jobs on lines `first`..`last` still queued."""
+    decided: list[tuple[str, Next]] = []
+    params: list[dict[str, Any]] = []
+    with rt.ledger.begin() as conn:
+        rows = conn.execute(sql.RANGE_READ, {"p_batch": batch_id, "p_first": first, "p_last": last})
+        for row in rows:
+            spec = JobSpec.from_row(
+                id=row.id, feature=row.feature, route=row.route, latency=row.latency,
+                payload=row.payload,
+            )  # fmt: skip
+            decision = rt.triage.decide(spec)
+            params.append(
+                {
+                    "p_id": row.id,
+                    "p_tier": decision.tier,
+                    "p_score": decision.score,
+                    "p_reason": decision.reason,
+                    "p_version": decision.version,
+                }
+            )
+            decided.append((row.id, Next(decision.tier)))
+        if params:
+            conn.execute(sql.TRIAGE_WRITE_MANY, params)
+    log.info(
+        "triaged a chunk",
+        extra={"action": "triage.range", "batch_id": batch_id, "lines": f"{first}-{last}",
+               "jobs": len(decided)},
+    )  # fmt: skip
+    return decided
+
+
 @dataclass(frozen=True, slots=True)
 class _Claimed:
     spec: JobSpec

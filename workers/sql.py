@@ -25,7 +25,8 @@ TRIAGE_READ = select(Job.feature, Job.route, Job.latency, Job.payload, Job.statu
     Job.id == _p("p_id")
 )
 
-TRIAGE_WRITE = (
+# Records a triage decision on a job still queued (executemany for a bulk chunk).
+TRIAGE_WRITE_MANY = (
     update(Job)
     .where(Job.id == _p("p_id"), Job.status == JobStatus.QUEUED)
     .values(
@@ -35,7 +36,20 @@ TRIAGE_WRITE = (
         triage_reason=_p("p_reason", _job.triage_reason),
         triage_version=_p("p_version", _job.triage_version),
     )
-    .returning(Job.id)
+)
+TRIAGE_WRITE = TRIAGE_WRITE_MANY.returning(Job.id)  # None: someone else triaged it
+
+# A bulk chunk: its queued jobs, locked so that a duplicate chunk message running at the
+# same time skips them instead of triaging them twice.
+RANGE_READ = (
+    select(Job.id, Job.feature, Job.route, Job.latency, Job.payload)
+    .where(
+        Job.batch_id == _p("p_batch", _job.batch_id),
+        Job.line.between(_p("p_first", _job.line), _p("p_last", _job.line)),
+        Job.status == JobStatus.QUEUED,
+    )
+    .order_by(Job.line)
+    .with_for_update(skip_locked=True)
 )
 
 # Running on `p_tier`, in one statement: None when the job moved on (terminal, or on

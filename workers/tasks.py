@@ -12,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 
 from tierfleet import constants as C
 from workers.execute import Next, attempt_job, triage_job
+from workers.execute import triage_range as triage_range_job
 from workers.runtime import Runtime, runtime
 
 # A database that is briefly away is waited for; the message stays unacked meanwhile.
@@ -23,12 +24,13 @@ _DB_RETRY: dict[str, Any] = {
 }
 
 
-def send_next(rt: Runtime, job_id: str, step: Next) -> None:
+def send_next(rt: Runtime, job_id: str, step: Next, producer: Any = None) -> None:
     rt.celery.send_task(
         C.TASK_ATTEMPT,
         args=[job_id, step.tier],
         queue=rt.settings.queue_for(step.tier),
         countdown=step.delay_s or None,
+        producer=producer,
     )
 
 
@@ -38,6 +40,15 @@ def triage(job_id: str) -> None:
     step = triage_job(rt, job_id)
     if step is not None:
         send_next(rt, job_id, step)
+
+
+@shared_task(name=C.TASK_TRIAGE_RANGE, **_DB_RETRY)
+def triage_range(batch_id: str, first: int, last: int) -> None:
+    rt = runtime()
+    steps = triage_range_job(rt, batch_id, first, last)
+    with rt.celery.producer_or_acquire() as producer:
+        for job_id, step in steps:
+            send_next(rt, job_id, step, producer)
 
 
 @shared_task(name=C.TASK_ATTEMPT, **_DB_RETRY)

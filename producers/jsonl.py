@@ -1,0 +1,105 @@
+"""Reading a JSONL input for bulk submission: streamed, line by line, never whole.
+
+`open_input("-")` spools standard input to a temporary file, so that it can be read twice
+(once to validate, once to submit) like a file; `.gz` inputs are decompressed on the fly.
+A line longer than the limit is skipped over in pieces, so it never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from tierfleet.errors import InvalidEnvelope
+
+_PIECE = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class RawLine:
+    no: int  # 1-based
+    data: bytes  # without the newline; empty when `oversized`
+    size: int  # bytes, without the newline
+    last: bool  # the file's last line
+    newline: bool  # ended with a newline (a last line without one may be truncated)
+    oversized: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    path: Path
+    name: str  # what the user called it
+    gzip: bool
+
+    def open(self) -> IO[bytes]:
+        if self.gzip:
+            return gzip.open(self.path, "rb")  # type: ignore[return-value]
+        return self.path.open("rb")
+
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+@contextlib.contextmanager
+def open_input(source: str) -> Iterator[Input]:
+    """`source` is a path (`.jsonl`, `.jsonl.gz`) or `-` for standard input."""
+    if source != "-":
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidEnvelope(f"{source}: no such file")
+        yield Input(path, source, _is_gzip(path))
+        return
+    with tempfile.NamedTemporaryFile(prefix="tierfleet-stdin-", suffix=".jsonl") as spool:
+        shutil.copyfileobj(sys.stdin.buffer, spool, _PIECE)
+        spool.flush()
+        path = Path(spool.name)
+        yield Input(path, "<stdin>", _is_gzip(path))
+
+
+def _is_gzip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def read_lines(
+    source: Input, max_line_bytes: int, digest: hashlib._Hash | None = None
+) -> Iterator[RawLine]:
+    """Every line of `source`, numbered; `digest`, when given, is fed every byte read."""
+    with source.open() as f:
+        no = 0
+        pending = f.readline(max_line_bytes + 1)
+        while pending:
+            no += 1
+            line, oversized = pending, False
+            if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                oversized = True
+                size = len(line)
+                if digest is not None:
+                    digest.update(line)
+                while line and not line.endswith(b"\n"):  # skip the rest in pieces
+                    line = f.readline(_PIECE)
+                    size += len(line)
+                    if digest is not None:
+                        digest.update(line)
+                newline = line.endswith(b"\n")
+                size -= int(newline)
+                data = b""
+            else:
+                if digest is not None:
+                    digest.update(line)
+                newline = line.endswith(b"\n")
+                data = line[:-1] if newline else line
+                if data.endswith(b"\r"):
+                    data = data[:-1]
+                size = len(data)
+                oversized = size > max_line_bytes
+            pending = f.readline(max_line_bytes + 1)
+            yield RawLine(no, b"" if oversized else data, size, not pending, newline, oversized)
