@@ -150,7 +150,7 @@ def validate(
         try:
             spec = _parse(raw, defaults, "pending")
         except InvalidEnvelope as exc:
-            report.reject(LineError(raw.no, exc.field, str(exc).split(": ", 1)[-1]))
+            report.reject(LineError(raw.no, exc.field, exc.reason))
             continue
         for kind, value, generated in (
             ("id", spec.id, f"pending.{raw.no}"),

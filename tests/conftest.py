@@ -177,6 +177,20 @@ class Workers:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM), killed after 20 s."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if not self.handle.closed:
+            self.handle.close()
+
 
 @pytest.fixture
 def start_workers(fleet_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Workers]]:
@@ -210,15 +224,7 @@ def start_workers(fleet_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
 
     yield start
     for workers in started:
-        for proc in workers.procs:
-            proc.terminate()
-        for proc in workers.procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        workers.handle.close()
+        workers.stop()
 
 
 def wait_until(

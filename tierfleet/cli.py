@@ -1,7 +1,8 @@
 """The `tierfleet` command line.
 
-Exit codes: 0 success; 1 the work ran but some of it failed; 2 bad usage or bad input;
-3 a service (Redis, Postgres) did not answer; 4 not found.
+Exit codes (`tierfleet.cli_common.Exit`): 0 success; 1 the work ran but some of it
+failed; 2 bad usage, input or configuration; 3 a service (Redis, Postgres) did not
+answer; 4 not found. Batch commands live in `tierfleet.cli_batch`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from tierfleet import cli_batch
 from tierfleet.cli_common import Exit, err, fail, load_settings
 from tierfleet.errors import ConfigurationError, JobNotFound, TierfleetError
 
@@ -158,6 +160,10 @@ def job_get(job_id: str) -> None:
     finally:
         ledger.engine.dispose()
     print(json.dumps(view.to_dict(), indent=2, default=str))
+
+
+for _name in ("submit", "status", "results", "cancel", "retry"):
+    app.command(_name)(getattr(cli_batch, _name))
 
 
 def main() -> None:

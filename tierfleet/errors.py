@@ -64,6 +64,7 @@ class InvalidEnvelope(PermanentError):
     def __init__(self, message: str, *, field: str = "", line: int | None = None) -> None:
         self.field = field
         self.line = line
+        self.reason = message  # without the place
         where = []
         if line is not None:
             where.append(f"line {line}")
