@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue as queue_
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import orjson
+import psycopg
 from celery import Celery
 from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import IntegrityError
 
 from producers.jsonl import Input, RawLine, read_lines
 from tierfleet import constants as C
@@ -39,6 +43,7 @@ from tierfleet.errors import InvalidEnvelope
 from tierfleet.models import Batch, Job
 
 CHUNK_LINES = 2000
+_IN_FLIGHT = 4  # parsed chunks waiting for the writer thread: bounds memory
 MAX_KEPT_ERRORS = 10_000  # beyond this, errors are counted, not kept
 
 
@@ -99,7 +104,9 @@ class Submission:
     resumed_from_line: int = 0
 
 
-def _parse(raw: RawLine, defaults: Mapping[str, Any], batch_id: str) -> JobSpec:
+def _parse(
+    raw: RawLine, defaults: Mapping[str, Any], batch_id: str, validated: bool = False
+) -> JobSpec:
     """One line to a job, or `InvalidEnvelope` naming the line and the field."""
     if raw.oversized:
         raise InvalidEnvelope(f"{raw.size:,} bytes is over the {MAX_ENVELOPE_BYTES:,}-byte limit")
@@ -121,7 +128,7 @@ def _parse(raw: RawLine, defaults: Mapping[str, Any], batch_id: str) -> JobSpec:
         data = {**defaults, **data}
         data.setdefault("idempotency_key", f"{batch_id}:{raw.no}")
         data.setdefault("id", f"{batch_id}.{raw.no}")
-    return parse_envelope(data)
+    return parse_envelope(data, validated=validated)
 
 
 def batch_id_for(digest: str, options: BatchOptions) -> str:
@@ -185,7 +192,7 @@ def _rows(
             continue
         if not raw.oversized and not raw.data.strip():
             continue
-        spec = _parse(raw, defaults, report.batch_id)
+        spec = _parse(raw, defaults, report.batch_id, validated=True)  # pass 1 checked it
         yield raw.no, (
             spec.id, spec.idempotency_key, report.batch_id, raw.no, spec.feature,
             C.JobStatus.QUEUED.value, spec.route, spec.latency,
@@ -202,28 +209,54 @@ def submit(
     queue: str,
     progress: Callable[[int], None] = lambda n: None,
 ) -> Submission:
-    """Pass 2: write and enqueue the valid lines, resuming where an earlier run stopped."""
+    """Pass 2: write and enqueue the valid lines, resuming where an earlier run stopped.
+
+    Parsing runs on this thread while a writer thread COPYs the previous chunks: Postgres
+    works while Python parses. At most `_IN_FLIGHT` chunks wait between the two."""
     batch = _open_batch(ledger, source, report, options)
     out = Submission(report.batch_id, resumed_from_line=batch["written_through"])
     if batch["enqueued_through"] < batch["written_through"]:  # a crash after a write
-        _enqueue(celery, queue, report.batch_id, batch["enqueued_through"] + 1,
-                 batch["written_through"])  # fmt: skip
+        _enqueue(
+            celery, queue, report.batch_id, batch["enqueued_through"] + 1, batch["written_through"]
+        )
         out.chunks_enqueued += 1
         _mark(ledger, report.batch_id, enqueued_through=batch["written_through"])
     if batch["written_through"]:
         progress(_jobs_in_batch(ledger, report.batch_id))
-    chunk: list[tuple[Any, ...]] = []
-    first_line = batch["written_through"] + 1
-    for no, row in _rows(source, options, report, batch["written_through"]):
-        chunk.append(row)
-        if len(chunk) >= CHUNK_LINES:
-            _flush(ledger, celery, queue, report.batch_id, chunk, first_line, no, out)
-            progress(len(chunk))
-            chunk, first_line = [], no + 1
-    if chunk:
-        last = chunk[-1][3]
-        _flush(ledger, celery, queue, report.batch_id, chunk, first_line, last, out)
-        progress(len(chunk))
+
+    chunks: queue_.Queue[tuple[list[tuple[Any, ...]], int, int] | None] = queue_.Queue(_IN_FLIGHT)
+    failure: list[BaseException] = []
+
+    def write() -> None:
+        while (item := chunks.get()) is not None:
+            if failure:
+                continue  # drain: the main thread stops at its next put
+            rows, first, last = item
+            try:
+                _flush(ledger, celery, queue, report.batch_id, rows, first, last, out)
+                progress(len(rows))
+            except BaseException as exc:  # re-raised on the main thread
+                failure.append(exc)
+
+    writer = threading.Thread(target=write, name="tierfleet-submit-writer", daemon=True)
+    writer.start()
+    try:
+        chunk: list[tuple[Any, ...]] = []
+        first_line = batch["written_through"] + 1
+        for no, row in _rows(source, options, report, batch["written_through"]):
+            chunk.append(row)
+            if len(chunk) >= CHUNK_LINES:
+                chunks.put((chunk, first_line, no))
+                chunk, first_line = [], no + 1
+                if failure:
+                    break
+        if chunk and not failure:
+            chunks.put((chunk, first_line, chunk[-1][3]))
+    finally:
+        chunks.put(None)
+        writer.join()
+    if failure:
+        raise failure[0]
     return out
 
 
@@ -291,6 +324,9 @@ def _flush(
 
 
 def _insert_rows(conn: Any, rows: list[tuple[Any, ...]]) -> int:
+    """Insert the rows that are new; return how many. Postgres: COPY straight into
+    `jobs`; if a row is already there (a resumed chunk, or a key another batch holds),
+    COPY into a staging table instead and insert with ON CONFLICT DO NOTHING."""
     columns = ", ".join(_COLUMNS)
     if conn.dialect.name != "postgresql":  # SQLite (the demo): a multi-row insert
         placeholders = ", ".join(f":{c}" for c in _COLUMNS)
@@ -300,15 +336,19 @@ def _insert_rows(conn: Any, rows: list[tuple[Any, ...]]) -> int:
         )
         return int(result.rowcount)
     driver = conn.connection.driver_connection
+    try:
+        with conn.begin_nested():
+            _copy(driver, f"jobs ({columns})", rows)
+        return len(rows)
+    except IntegrityError:
+        pass
     conn.execute(
         text(
             "CREATE TEMP TABLE IF NOT EXISTS tierfleet_stage "
             "(LIKE jobs INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
     )
-    with driver.cursor() as cur, cur.copy(f"COPY tierfleet_stage ({columns}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row(row)
+    _copy(driver, f"tierfleet_stage ({columns})", rows)
     result = conn.execute(
         text(
             f"INSERT INTO jobs ({columns}) SELECT {columns} FROM tierfleet_stage "
@@ -316,6 +356,15 @@ def _insert_rows(conn: Any, rows: list[tuple[Any, ...]]) -> int:
         )
     )
     return int(result.rowcount)
+
+
+def _copy(driver: Any, target: str, rows: list[tuple[Any, ...]]) -> None:
+    try:
+        with driver.cursor() as cur, cur.copy(f"COPY {target} FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+    except psycopg.errors.UniqueViolation as exc:
+        raise IntegrityError(f"COPY {target}", None, exc) from exc
 
 
 def _enqueue(celery: Celery, queue: str, batch_id: str, first: int, last: int) -> None:

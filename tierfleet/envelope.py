@@ -166,12 +166,16 @@ def _check_schema_text(text: str) -> None:
     jsonschema.validators.validator_for(schema).check_schema(schema)
 
 
-def parse_envelope(data: Any, *, tiers: Sequence[str] = C.TIER_LADDER) -> JobSpec:
-    """Validate one envelope and normalise it; raise `InvalidEnvelope` naming the field."""
+def parse_envelope(
+    data: Any, *, tiers: Sequence[str] = C.TIER_LADDER, validated: bool = False
+) -> JobSpec:
+    """Validate one envelope and normalise it; raise `InvalidEnvelope` naming the field.
+    `validated=True` skips the schema check, for an envelope that passed it already."""
     if not isinstance(data, Mapping):
         raise InvalidEnvelope(f"a job envelope is a JSON object, not {type(data).__name__}")
     try:
-        _fast_validator()(data)
+        if not validated:
+            _fast_validator()(data)
     except fastjsonschema.JsonSchemaException:
         error = best_match(_envelope_validator().iter_errors(data))
         if error is not None:
