@@ -233,7 +233,9 @@ def _write_rejects(path: Path, report: Any) -> None:
 
 
 def _status_table(s: Any) -> Table:
-    table = Table(title=f"batch {s.batch_id}" + (" (cancelled)" if s.cancelled else ""))
+    table = Table(
+        title=f"batch {s.batch_id}" + (" (cancelled)" if s.cancelled else ""), show_header=False
+    )
     table.add_column("")
     table.add_column("", justify="right")
     for name, count in sorted(s.by_status.items()):
