@@ -1,21 +1,20 @@
 """Bulk submission: a JSONL file of envelopes becomes a batch of jobs.
 
-Two streamed passes over the input, so memory stays flat in its size:
+One streamed pass over the input, so memory stays flat in its size:
 
-1. **Validate** every line (and compute the input's digest). Nothing is written unless
-   every line is valid, or `skip_invalid` is set, in which case the rejects are returned
-   with their reasons.
-2. **Submit** the valid lines in chunks: each chunk is COPYed into a staging table and
-   inserted into `jobs` (`ON CONFLICT DO NOTHING`: a job already there, from an earlier
-   run or another batch, is left alone), the batch's resume marks move on in the same
-   transaction, and then ONE message per chunk goes to the triage queue, which expands it
-   by line range. No message per job crosses Redis at submit time.
+- every line is parsed and checked; the valid ones are written to Postgres in chunks
+  (COPY, by writer threads on their own connections, while parsing goes on), each chunk
+  committing with the batch's resume mark;
+- nothing is **enqueued** until every line has been checked. If a line is invalid (and
+  `skip_invalid` is off) the rows written are deleted and the batch with them: nothing
+  half-applies. Otherwise ONE message per chunk goes to the triage queue, which expands it
+  by line range: no message per job crosses Redis at submit time.
 
-The batch id derives from the input's content and the batch options, and each job's id
-and idempotency key from the batch and its line (unless the line gives its own), so a
-rerun of the same file, or a resume after Ctrl-C or a crash, writes and enqueues exactly
-what is missing. A chunk whose message may not have been sent is sent again on resume;
-triage ignores jobs that are no longer `queued`, so no job is triaged twice.
+The batch id derives from the input's bytes and the batch options, and each job's id and
+idempotency key from the batch and its line (unless the line gives its own), so a rerun
+of the same file, or a resume after Ctrl-C or a crash, writes and enqueues exactly what
+is missing. A chunk message that may have been sent before a crash is sent again; triage
+ignores jobs that are no longer `queued`, so no job is triaged twice.
 """
 
 from __future__ import annotations
@@ -30,11 +29,10 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-import psycopg
 from celery import Celery
-from sqlalchemy import func, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, func, select, update
 
+from producers.copy import COLUMNS, copy_rows, copy_text
 from producers.jsonl import Input, RawLine, read_lines
 from tierfleet import constants as C
 from tierfleet.db import Ledger
@@ -43,8 +41,10 @@ from tierfleet.errors import InvalidEnvelope
 from tierfleet.models import Batch, Job
 
 CHUNK_LINES = 2000
-_IN_FLIGHT = 4  # parsed chunks waiting for the writer thread: bounds memory
-MAX_KEPT_ERRORS = 10_000  # beyond this, errors are counted, not kept
+_QUEUED = C.JobStatus.QUEUED.value
+WRITERS = 2  # Postgres connections writing at once: COPY is server-bound
+_IN_FLIGHT = 4  # parsed chunks waiting for a writer: bounds memory
+MAX_KEPT_ERRORS = 10_000  # beyond this, errors are counted (and still written to rejects)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +57,7 @@ class BatchOptions:
     spend_cap_usd: Decimal | None = None
     batch_id: str | None = None
     max_line_bytes: int = MAX_ENVELOPE_BYTES
+    skip_invalid: bool = False
 
     def defaults(self) -> dict[str, Any]:
         out: dict[str, Any] = {"latency": self.latency}
@@ -77,58 +78,47 @@ class LineError:
         where = f"line {self.line}" + (f", field {self.field!r}" if self.field else "")
         return f"{where}: {self.message}"
 
+    def record(self) -> dict[str, Any]:
+        return {"line": self.line, "field": self.field, "error": self.message}
+
 
 @dataclass
-class Validation:
+class Report:
+    """What a submission did. `submitted` is false when invalid lines stopped it."""
+
     batch_id: str
     lines: int = 0
     valid: int = 0
     blank: int = 0
     errors: list[LineError] = field(default_factory=list)
     error_count: int = 0
-    invalid_lines: set[int] = field(default_factory=set)
-
-    def reject(self, error: LineError) -> None:
-        self.error_count += 1
-        self.invalid_lines.add(error.line)
-        if len(self.errors) < MAX_KEPT_ERRORS:
-            self.errors.append(error)
-
-
-@dataclass
-class Submission:
-    batch_id: str
     written: int = 0  # new jobs in the ledger
-    existing: int = 0  # lines whose job already existed (a rerun, or another batch's key)
+    existing: int = 0  # lines whose job was already there (a resume, another batch's key)
     chunks_enqueued: int = 0
     resumed_from_line: int = 0
+    submitted: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "batch_id": self.batch_id if self.submitted else None,
+            "lines": self.lines,
+            "valid": self.valid,
+            "invalid": self.error_count,
+            "blank": self.blank,
+            "written": self.written,
+            "already_there": self.existing,
+            "chunks_enqueued": self.chunks_enqueued,
+            "resumed_from_line": self.resumed_from_line,
+        }
 
 
-def _parse(
-    raw: RawLine, defaults: Mapping[str, Any], batch_id: str, validated: bool = False
-) -> JobSpec:
-    """One line to a job, or `InvalidEnvelope` naming the line and the field."""
-    if raw.oversized:
-        raise InvalidEnvelope(f"{raw.size:,} bytes is over the {MAX_ENVELOPE_BYTES:,}-byte limit")
-    try:
-        raw.data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidEnvelope(
-            f"not UTF-8: byte 0x{raw.data[exc.start]:02x} at column {exc.start + 1}"
-        ) from None
-    try:
-        data = orjson.loads(raw.data)
-    except orjson.JSONDecodeError as exc:
-        if raw.last and not raw.newline:
-            raise InvalidEnvelope(
-                f"the last line is cut short (no newline at the end, and not JSON: {exc})"
-            ) from None
-        raise InvalidEnvelope(f"not JSON: {exc}") from None
-    if isinstance(data, dict):
-        data = {**defaults, **data}
-        data.setdefault("idempotency_key", f"{batch_id}:{raw.no}")
-        data.setdefault("id", f"{batch_id}.{raw.no}")
-    return parse_envelope(data, validated=validated)
+def digest_of(source: Input) -> str:
+    """SHA-256 of the input's bytes (as stored: a .gz is hashed compressed)."""
+    digest = hashlib.sha256()
+    with source.path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def batch_id_for(digest: str, options: BatchOptions) -> str:
@@ -138,234 +128,250 @@ def batch_id_for(digest: str, options: BatchOptions) -> str:
     return "b-" + hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def validate(
-    source: Input, options: BatchOptions, progress: Callable[[int], None] = lambda n: None
-) -> Validation:
-    """Pass 1: check every line; nothing is written."""
-    digest = hashlib.sha256()
-    # The digest is only known at the end: validate with a provisional batch id (ids and
-    # keys derived from it are not part of the checks) and fix the id afterwards.
-    report = Validation(batch_id="pending")
-    seen: dict[str, int] = {}
+def parse_line(raw: RawLine, defaults: Mapping[str, Any], batch_id: str) -> JobSpec:
+    """One line to a job, or `InvalidEnvelope` naming the field."""
+    if raw.oversized:
+        raise InvalidEnvelope(f"{raw.size:,} bytes is over the {MAX_ENVELOPE_BYTES:,}-byte limit")
+    try:
+        data = orjson.loads(raw.data)
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.data.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise InvalidEnvelope(
+                f"not UTF-8: byte 0x{raw.data[bad.start]:02x} at column {bad.start + 1}"
+            ) from None
+        if raw.last and not raw.newline:
+            raise InvalidEnvelope(
+                f"the last line is cut short (no newline at the end, and not JSON: {exc})"
+            ) from None
+        raise InvalidEnvelope(f"not JSON: {exc}") from None
+    if isinstance(data, dict):
+        data = {**defaults, **data}
+        data.setdefault("idempotency_key", f"{batch_id}:{raw.no}")
+        data.setdefault("id", f"{batch_id}.{raw.no}")
+    return parse_envelope(data)
+
+
+def _row(spec: JobSpec, batch_id: str, line: int) -> bytes:
+    """The job as one line of COPY text, in `COLUMNS` order."""
+    # Every field from the input is escaped (a schema pattern's `$` lets a final newline
+    # through in Python's regex dialect); the rest are ours, or an enum (latency).
+    payload = copy_text(orjson.dumps(spec.payload()).decode())
+    fields = (
+        copy_text(spec.id), copy_text(spec.idempotency_key), batch_id, str(line),
+        copy_text(spec.feature), _QUEUED, copy_text(spec.route), spec.latency, payload,
+        "0", "0", "0",
+    )  # fmt: skip
+    return ("\t".join(fields) + "\n").encode()
+
+
+class _Writers:
+    """Threads that COPY chunks on their own connections, committing each with the
+    batch's `written_through` mark: the end of the longest run of committed chunks."""
+
+    def __init__(self, ledger: Ledger, batch_id: str, start_after: int, n: int) -> None:
+        self.ledger, self.batch_id = ledger, batch_id
+        self.queue: queue_.Queue[tuple[list[bytes], int, int] | None] = queue_.Queue(_IN_FLIGHT)
+        self.failure: list[BaseException] = []
+        self.lock = threading.Lock()
+        self.mark = start_after
+        self.done: dict[int, int] = {}  # first line -> last line, committed beyond the mark
+        self.written = self.existing = 0
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
+        for thread in self.threads:
+            thread.start()
+
+    def put(self, rows: list[bytes], first: int, last: int) -> None:
+        self.queue.put((rows, first, last))
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
+        if self.failure:
+            raise self.failure[0]
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.failure:
+                continue  # drain; the error is raised by close()
+            try:
+                self._write(*item)
+            except BaseException as exc:
+                self.failure.append(exc)
+
+    def _write(self, rows: list[bytes], first: int, last: int) -> None:
+        with self.ledger.begin() as conn:
+            inserted = copy_rows(conn, rows)
+            with self.lock:
+                self.done[first] = last
+                mark = self.mark
+                while mark + 1 in self.done:
+                    mark = self.done.pop(mark + 1)
+                self.mark = mark
+                self.written += inserted
+                self.existing += len(rows) - inserted
+            conn.execute(
+                update(Batch)
+                .where(Batch.id == self.batch_id, Batch.written_through < mark)
+                .values(written_through=mark)
+            )
+
+
+def submit(
+    source: Input,
+    options: BatchOptions,
+    ledger: Ledger,
+    celery: Celery,
+    queue: str,
+    *,
+    on_reject: Callable[[LineError], None] = lambda e: None,
+    progress: Callable[[int], None] = lambda n: None,
+) -> Report:
+    """Check every line, write the valid ones, and enqueue them once all are checked."""
+    report = Report(batch_id_for(digest_of(source), options))
+    batch = _open_batch(ledger, source, report.batch_id, options)
+    report.resumed_from_line = batch.written_through
+    writers = _Writers(ledger, report.batch_id, batch.written_through, WRITERS)
+    try:
+        _read_and_write(source, options, report, batch.written_through, writers, on_reject,
+                        progress)  # fmt: skip
+    finally:
+        writers.close()
+    report.written, report.existing = writers.written, writers.existing
+    if report.error_count and not options.skip_invalid:
+        _withdraw(ledger, report.batch_id)
+        return report
+    _finish_batch(ledger, report)
+    report.chunks_enqueued = _enqueue_pending(ledger, celery, queue, report.batch_id)
+    report.submitted = True
+    return report
+
+
+def _read_and_write(
+    source: Input,
+    options: BatchOptions,
+    report: Report,
+    start_after: int,
+    writers: _Writers,
+    on_reject: Callable[[LineError], None],
+    progress: Callable[[int], None],
+) -> None:
     defaults = options.defaults()
-    for raw in read_lines(source, options.max_line_bytes, digest):
+    seen: dict[tuple[str, str], int] = {}
+    chunk: list[bytes] = []
+    first = start_after + 1
+    writing = True
+    for raw in read_lines(source, options.max_line_bytes):
         report.lines += 1
         progress(raw.size + 1)
         if not raw.oversized and not raw.data.strip():
             report.blank += 1
             continue
         try:
-            spec = _parse(raw, defaults, "pending")
+            spec = parse_line(raw, defaults, report.batch_id)
+            _check_unique(spec, raw.no, report.batch_id, seen)
         except InvalidEnvelope as exc:
-            report.reject(LineError(raw.no, exc.field, exc.reason))
+            error = LineError(raw.no, exc.field, exc.reason)
+            report.error_count += 1
+            if len(report.errors) < MAX_KEPT_ERRORS:
+                report.errors.append(error)
+            on_reject(error)
+            writing = writing and options.skip_invalid  # no use writing what is withdrawn
             continue
-        for kind, value, generated in (
-            ("id", spec.id, f"pending.{raw.no}"),
-            ("idempotency_key", spec.idempotency_key, f"pending:{raw.no}"),
-        ):
-            if value is None or value == generated:
-                continue
-            first = seen.setdefault(f"{kind}\0{value}", raw.no)
-            if first != raw.no:
-                report.reject(
-                    LineError(raw.no, kind, f"duplicate {kind} {value!r} (first on line {first})")
-                )
-                break
-        else:
-            report.valid += 1
-    report.batch_id = batch_id_for(digest.hexdigest(), options)
-    return report
-
-
-_COLUMNS = (
-    "id", "idempotency_key", "batch_id", "line", "feature", "status", "route", "latency",
-    "payload", "cost_usd", "attempt_count", "attempt_floor",
-)  # fmt: skip
-
-
-def _rows(
-    source: Input, options: BatchOptions, report: Validation, start_after: int
-) -> Iterator[tuple[int, tuple[Any, ...]]]:
-    defaults = options.defaults()
-    for raw in read_lines(source, options.max_line_bytes):
-        if raw.no <= start_after or raw.no in report.invalid_lines:
+        report.valid += 1
+        if not writing or raw.no <= start_after:
             continue
-        if not raw.oversized and not raw.data.strip():
+        chunk.append(_row(spec, report.batch_id, raw.no))
+        if len(chunk) >= CHUNK_LINES:
+            writers.put(chunk, first, raw.no)
+            chunk, first = [], raw.no + 1
+            if writers.failure:
+                return
+    if chunk and writing:
+        writers.put(chunk, first, report.lines)
+
+
+def _check_unique(
+    spec: JobSpec, line: int, batch_id: str, seen: dict[tuple[str, str], int]
+) -> None:
+    """An `id` or `idempotency_key` a line gives must not repeat within the file."""
+    for kind, value, generated in (
+        ("id", spec.id, f"{batch_id}.{line}"),
+        ("idempotency_key", spec.idempotency_key, f"{batch_id}:{line}"),
+    ):
+        if value is None or value == generated:
             continue
-        spec = _parse(raw, defaults, report.batch_id, validated=True)  # pass 1 checked it
-        yield raw.no, (
-            spec.id, spec.idempotency_key, report.batch_id, raw.no, spec.feature,
-            C.JobStatus.QUEUED.value, spec.route, spec.latency,
-            orjson.dumps(spec.payload()).decode(), 0, 0, 0,
-        )  # fmt: skip
+        first = seen.setdefault((kind, value), line)
+        if first != line:
+            raise InvalidEnvelope(f"duplicate {kind} {value!r} (first on line {first})", field=kind)
 
 
-def submit(
-    source: Input,
-    report: Validation,
-    options: BatchOptions,
-    ledger: Ledger,
-    celery: Celery,
-    queue: str,
-    progress: Callable[[int], None] = lambda n: None,
-) -> Submission:
-    """Pass 2: write and enqueue the valid lines, resuming where an earlier run stopped.
-
-    Parsing runs on this thread while a writer thread COPYs the previous chunks: Postgres
-    works while Python parses. At most `_IN_FLIGHT` chunks wait between the two."""
-    batch = _open_batch(ledger, source, report, options)
-    out = Submission(report.batch_id, resumed_from_line=batch["written_through"])
-    if batch["enqueued_through"] < batch["written_through"]:  # a crash after a write
-        _enqueue(
-            celery, queue, report.batch_id, batch["enqueued_through"] + 1, batch["written_through"]
-        )
-        out.chunks_enqueued += 1
-        _mark(ledger, report.batch_id, enqueued_through=batch["written_through"])
-    if batch["written_through"]:
-        progress(_jobs_in_batch(ledger, report.batch_id))
-
-    chunks: queue_.Queue[tuple[list[tuple[Any, ...]], int, int] | None] = queue_.Queue(_IN_FLIGHT)
-    failure: list[BaseException] = []
-
-    def write() -> None:
-        while (item := chunks.get()) is not None:
-            if failure:
-                continue  # drain: the main thread stops at its next put
-            rows, first, last = item
-            try:
-                _flush(ledger, celery, queue, report.batch_id, rows, first, last, out)
-                progress(len(rows))
-            except BaseException as exc:  # re-raised on the main thread
-                failure.append(exc)
-
-    writer = threading.Thread(target=write, name="tierfleet-submit-writer", daemon=True)
-    writer.start()
-    try:
-        chunk: list[tuple[Any, ...]] = []
-        first_line = batch["written_through"] + 1
-        for no, row in _rows(source, options, report, batch["written_through"]):
-            chunk.append(row)
-            if len(chunk) >= CHUNK_LINES:
-                chunks.put((chunk, first_line, no))
-                chunk, first_line = [], no + 1
-                if failure:
-                    break
-        if chunk and not failure:
-            chunks.put((chunk, first_line, chunk[-1][3]))
-    finally:
-        chunks.put(None)
-        writer.join()
-    if failure:
-        raise failure[0]
-    return out
-
-
-def _jobs_in_batch(ledger: Ledger, batch_id: str) -> int:
-    with ledger.begin() as conn:
-        return int(
-            conn.execute(
-                select(func.count()).select_from(Job).where(Job.batch_id == batch_id)
-            ).scalar_one()
-        )
-
-
-def _open_batch(
-    ledger: Ledger, source: Input, report: Validation, options: BatchOptions
-) -> dict[str, int]:
+def _open_batch(ledger: Ledger, source: Input, batch_id: str, options: BatchOptions) -> Batch:
     with ledger.session() as s:
-        batch = s.get(Batch, report.batch_id)
+        batch = s.get(Batch, batch_id)
         if batch is None:
             batch = Batch(
-                id=report.batch_id,
+                id=batch_id,
                 name=source.name[:200],
                 feature=options.feature,
-                options={k: v for k, v in options.defaults().items()},
-                job_count=report.valid,
-                total_lines=report.lines,
-                rejected=report.error_count,
+                options=options.defaults(),
+                job_count=0,
                 spend_cap_usd=options.spend_cap_usd,
                 written_through=0,
                 enqueued_through=0,
             )
             s.add(batch)
             s.flush()
-        return {"written_through": batch.written_through,
-                "enqueued_through": batch.enqueued_through}  # fmt: skip
+        s.expunge(batch)
+        return batch
 
 
-def _mark(ledger: Ledger, batch_id: str, **marks: int) -> None:
+def _withdraw(ledger: Ledger, batch_id: str) -> None:
+    """Invalid lines and no --skip-invalid: remove what this batch wrote (nothing of it
+    was enqueued), so that nothing is half-applied."""
     with ledger.begin() as conn:
-        conn.execute(update(Batch).where(Batch.id == batch_id).values(**marks))
+        enqueued = conn.execute(
+            select(Batch.enqueued_through).where(Batch.id == batch_id)
+        ).scalar_one()
+        if enqueued:  # an earlier run, with --skip-invalid, enqueued part of it: keep that
+            return
+        conn.execute(delete(Job).where(Job.batch_id == batch_id))
+        conn.execute(delete(Batch).where(Batch.id == batch_id))
 
 
-def _flush(
-    ledger: Ledger,
-    celery: Celery,
-    queue: str,
-    batch_id: str,
-    rows: list[tuple[Any, ...]],
-    first_line: int,
-    last_line: int,
-    out: Submission,
-) -> None:
-    """One chunk: COPY, insert what is new, move the marks; then its one message."""
+def _finish_batch(ledger: Ledger, report: Report) -> None:
     with ledger.begin() as conn:
-        inserted = _insert_rows(conn, rows)
+        jobs = select(func.count()).where(Job.batch_id == report.batch_id).scalar_subquery()
         conn.execute(
             update(Batch)
-            .where(Batch.id == batch_id)
-            .values(written_through=last_line, enqueued_through=first_line - 1)
+            .where(Batch.id == report.batch_id)
+            .values(job_count=jobs, total_lines=report.lines, rejected=report.error_count)
         )
-    out.written += inserted
-    out.existing += len(rows) - inserted
-    _enqueue(celery, queue, batch_id, first_line, last_line)
-    out.chunks_enqueued += 1
-    _mark(ledger, batch_id, enqueued_through=last_line)
 
 
-def _insert_rows(conn: Any, rows: list[tuple[Any, ...]]) -> int:
-    """Insert the rows that are new; return how many. Postgres: COPY straight into
-    `jobs`; if a row is already there (a resumed chunk, or a key another batch holds),
-    COPY into a staging table instead and insert with ON CONFLICT DO NOTHING."""
-    columns = ", ".join(_COLUMNS)
-    if conn.dialect.name != "postgresql":  # SQLite (the demo): a multi-row insert
-        placeholders = ", ".join(f":{c}" for c in _COLUMNS)
-        result = conn.execute(
-            text(f"INSERT OR IGNORE INTO jobs ({columns}) VALUES ({placeholders})"),
-            [dict(zip(_COLUMNS, row, strict=True)) for row in rows],
+def _enqueue_pending(ledger: Ledger, celery: Celery, queue: str, batch_id: str) -> int:
+    """One triage message per chunk written but not yet enqueued; then move the mark."""
+    with ledger.begin() as conn:
+        row = conn.execute(
+            select(Batch.enqueued_through, Batch.written_through).where(Batch.id == batch_id)
+        ).one()
+    sent = 0
+    for first, last in spans(row.enqueued_through + 1, row.written_through, CHUNK_LINES):
+        celery.send_task(C.TASK_TRIAGE_RANGE, args=[batch_id, first, last], queue=queue)
+        sent += 1
+    with ledger.begin() as conn:
+        conn.execute(
+            update(Batch).where(Batch.id == batch_id).values(enqueued_through=row.written_through)
         )
-        return int(result.rowcount)
-    driver = conn.connection.driver_connection
-    try:
-        with conn.begin_nested():
-            _copy(driver, f"jobs ({columns})", rows)
-        return len(rows)
-    except IntegrityError:
-        pass
-    conn.execute(
-        text(
-            "CREATE TEMP TABLE IF NOT EXISTS tierfleet_stage "
-            "(LIKE jobs INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-        )
-    )
-    _copy(driver, f"tierfleet_stage ({columns})", rows)
-    result = conn.execute(
-        text(
-            f"INSERT INTO jobs ({columns}) SELECT {columns} FROM tierfleet_stage "
-            "ON CONFLICT DO NOTHING"
-        )
-    )
-    return int(result.rowcount)
+    return sent
 
 
-def _copy(driver: Any, target: str, rows: list[tuple[Any, ...]]) -> None:
-    try:
-        with driver.cursor() as cur, cur.copy(f"COPY {target} FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-    except psycopg.errors.UniqueViolation as exc:
-        raise IntegrityError(f"COPY {target}", None, exc) from exc
+def spans(first: int, last: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(first, last + 1, size):
+        yield start, min(start + size - 1, last)
 
 
-def _enqueue(celery: Celery, queue: str, batch_id: str, first: int, last: int) -> None:
-    celery.send_task(C.TASK_TRIAGE_RANGE, args=[batch_id, first, last], queue=queue)
+__all__ = ["COLUMNS", "BatchOptions", "LineError", "Report", "submit"]

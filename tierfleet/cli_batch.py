@@ -147,71 +147,71 @@ def submit(
     if latency not in ("batch", "interactive"):
         raise fail(f"--latency must be batch or interactive, not {latency!r}", Exit.USAGE)
     options = bulk.BatchOptions(
-        feature=feature, route=route, latency=latency, spend_cap_usd=cap, batch_id=batch_id
+        feature=feature,
+        route=route,
+        latency=latency,
+        spend_cap_usd=cap,
+        batch_id=batch_id,
+        skip_invalid=skip_invalid,
     )
-    console = Console(stderr=True)
     with contextlib.ExitStack() as stack:
         try:
             source = stack.enter_context(open_input(file))
         except TierfleetError as exc:
             raise fail(str(exc), Exit.USAGE) from None
-        with _progress(console, "bytes") as bar:
-            size = None if source.gzip else source.size()
-            task = bar.add_task("validating", total=size, rate="")
-            report = bulk.validate(source, options, lambda n: bar.advance(task, n))
-        if report.error_count and not skip_invalid:
-            _print_errors(report, file)
-            if as_json:
-                errors = [_error_record(e) for e in report.errors[:1000]]
-                _dump({"batch_id": None, "valid": report.valid, "invalid": report.error_count,
-                       "errors": errors})  # fmt: skip
-            raise typer.Exit(Exit.USAGE)
-        if report.error_count:
-            path = rejects or Path(f"{'stdin' if file == '-' else file}.rejects.jsonl")
-            _write_rejects(path, report)
-            err.print(f"{report.error_count:,} invalid lines skipped; reasons in {path}")
+        rejects_path = rejects or Path(f"{'stdin' if file == '-' else file}.rejects.jsonl")
+        rejected = stack.enter_context(_rejects_file(rejects_path if skip_invalid else None))
         ledger = stack.enter_context(_ledger(settings))
         celery = make_celery(settings)
         stack.callback(celery.close)
-        with _progress(console, "jobs") as bar:
-            task = bar.add_task("submitting", total=report.valid, rate="")
-            advance = _rate_updater(bar, task, "jobs")
-            done = bulk.submit(
-                source, report, options, ledger, celery, settings.queue_triage, advance
-            )
-        summary: dict[str, Any] = {
-            "batch_id": done.batch_id,
-            "lines": report.lines,
-            "valid": report.valid,
-            "invalid": report.error_count,
-            "blank": report.blank,
-            "written": done.written,
-            "already_there": done.existing,
-            "chunks_enqueued": done.chunks_enqueued,
-            "resumed_from_line": done.resumed_from_line,
-        }
+        console = Console(stderr=True)
+        with _progress(console, "bytes") as bar:
+            task = bar.add_task("submitting", total=None if source.gzip else source.size(),
+                                rate="")  # fmt: skip
+            report = bulk.submit(
+                source, options, ledger, celery, settings.queue_triage,
+                on_reject=rejected, progress=lambda n: bar.advance(task, n),
+            )  # fmt: skip
+        summary = report.summary()
+        if not report.submitted:
+            _print_errors(report, file)
+            if as_json:
+                _dump({**summary, "errors": [e.record() for e in report.errors[:1000]]})
+            raise typer.Exit(Exit.USAGE)
+        if report.error_count:
+            err.print(f"{report.error_count:,} invalid lines skipped; reasons in {rejects_path}")
         if not as_json:
-            resumed = done.resumed_from_line
+            resumed = report.resumed_from_line
             err.print(
-                f"batch [bold]{done.batch_id}[/]: {done.written:,} jobs submitted, "
-                f"{done.existing:,} already there, {report.error_count:,} rejected"
+                f"batch [bold]{report.batch_id}[/]: {report.written:,} jobs submitted, "
+                f"{report.existing:,} already there, {report.error_count:,} rejected"
                 + (f" (resumed after line {resumed:,})" if resumed else "")
             )
         failed = False
         if wait:
-            final = _follow(ledger, done.batch_id, quiet=as_json)
+            final = _follow(ledger, report.batch_id, quiet=as_json)
             summary["status"] = final.to_dict()
             failed = bool(final.by_status.get("failed"))
         if as_json:
             _dump(summary)
         elif not wait:
-            print(done.batch_id)
+            print(report.batch_id)
         if failed:
             raise typer.Exit(Exit.WORK_FAILED)
 
 
-def _error_record(e: Any) -> dict[str, Any]:
-    return {"line": e.line, "field": e.field, "error": e.message}
+@contextlib.contextmanager
+def _rejects_file(path: Path | None) -> Iterator[Callable[[Any], None]]:
+    """A callback that appends a rejected line's reason to `path` (or drops it)."""
+    if path is None:
+        yield lambda error: None
+        return
+    with path.open("w", encoding="utf-8") as out:
+
+        def write(error: Any) -> None:
+            out.write(json.dumps(error.record()) + "\n")
+
+        yield write
 
 
 def _print_errors(report: Any, file: str) -> None:
@@ -224,12 +224,6 @@ def _print_errors(report: Any, file: str) -> None:
         f"{report.error_count:,} of {report.lines:,} lines are invalid; nothing was submitted "
         "(fix them, or --skip-invalid to submit the rest)"
     )
-
-
-def _write_rejects(path: Path, report: Any) -> None:
-    with path.open("w", encoding="utf-8") as out:
-        for e in report.errors:
-            out.write(json.dumps(_error_record(e)) + "\n")
 
 
 def _status_table(s: Any) -> Table:

@@ -31,6 +31,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from tierfleet.constants import JobStatus, Outcome
 
 JSONDoc = JSON().with_variant(JSONB(), "postgresql")
+# The job's payload is a claim check, read whole by primary key and never searched:
+# plain JSON (validated text) costs Postgres a third less to write than JSONB.
+JSONBlob = JSON()
 USD = Numeric(18, 8)
 
 NAMING = {
@@ -95,7 +98,7 @@ class Job(Base):
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"))
     route: Mapped[str] = mapped_column(String(32))
     latency: Mapped[str] = mapped_column(String(16))
-    payload: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONBlob)
     tier: Mapped[str | None] = mapped_column(String(32))
     triage_score: Mapped[float | None] = mapped_column(Float)
     triage_reason: Mapped[str | None] = mapped_column(String(200))

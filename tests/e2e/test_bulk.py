@@ -124,7 +124,7 @@ def test_skip_invalid_submits_the_rest_and_writes_the_rejects(
     with ledger.session() as s:
         lines = sorted(s.execute(select(Job.line)).scalars())
     assert lines == [1, 4]
-    assert chunk_messages(redis_url) == [(summary["batch_id"], 1, 4)]
+    assert chunk_messages(redis_url) == [(summary["batch_id"], 1, 5)]  # the chunk's span
 
 
 def test_gzip_and_stdin_and_batch_defaults(
