@@ -14,13 +14,19 @@ COLUMNS = (
     "payload", "cost_usd", "attempt_count", "attempt_floor",
 )  # fmt: skip
 _COLUMN_LIST = ", ".join(COLUMNS)
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _STAGE = "tierfleet_stage"
 
 
 def copy_text(value: str | None) -> str:
-    """One field in COPY's text format."""
-    return "\\N" if value is None else value.translate(_ESCAPES)
+    """One field in COPY's text format. (`str.replace` beats `str.translate` severalfold
+    on the short, mostly clean strings this sees a million times.)"""
+    if value is None:
+        return "\\N"
+    if "\\" in value:
+        value = value.replace("\\", "\\\\")
+    if "\t" in value or "\n" in value or "\r" in value:
+        value = value.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return value
 
 
 def copy_rows(conn: Any, rows: list[bytes]) -> int:
