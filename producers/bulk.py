@@ -23,6 +23,7 @@ import hashlib
 import json
 import queue as queue_
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -98,6 +99,7 @@ class Report:
     chunks_enqueued: int = 0
     resumed_from_line: int = 0
     submitted: bool = False
+    elapsed_s: float = 0.0  # from the first byte read to the last message sent
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -110,6 +112,7 @@ class Report:
             "already_there": self.existing,
             "chunks_enqueued": self.chunks_enqueued,
             "resumed_from_line": self.resumed_from_line,
+            "elapsed_s": round(self.elapsed_s, 3),
         }
 
 
@@ -238,6 +241,7 @@ def submit(
     progress: Callable[[int], None] = lambda n: None,
 ) -> Report:
     """Check every line, write the valid ones, and enqueue them once all are checked."""
+    started = time.perf_counter()
     report = Report(batch_id_for(digest_of(source), options))
     batch = _open_batch(ledger, source, report.batch_id, options)
     report.resumed_from_line = batch.written_through
@@ -254,6 +258,7 @@ def submit(
     _finish_batch(ledger, report)
     report.chunks_enqueued = _enqueue_pending(ledger, celery, queue, report.batch_id)
     report.submitted = True
+    report.elapsed_s = time.perf_counter() - started
     return report
 
 

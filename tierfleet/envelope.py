@@ -44,12 +44,14 @@ class JobSpec:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def payload(self) -> dict[str, Any]:
-        """The JSON document stored in `jobs.payload`; `from_payload` reads it back."""
+        """The JSON document stored in `jobs.payload`; `from_row` reads it back. A named
+        output schema is stored by name (it ships with the code, in schemas/outputs/),
+        so a million jobs do not carry a million copies of it."""
         return {
             "schema_version": C.ENVELOPE_VERSION,
             "messages": [dict(m) for m in self.messages],
             "system": self.system,
-            "output_schema": self.output_schema,
+            "output_schema": None if self.output_schema_name else self.output_schema,
             "output_schema_name": self.output_schema_name,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
@@ -60,6 +62,10 @@ class JobSpec:
     def from_row(
         cls, *, id: str, feature: str, route: str, latency: str, payload: Mapping[str, Any]
     ) -> JobSpec:
+        name = payload.get("output_schema_name")
+        schema = payload.get("output_schema")
+        if schema is None and name:
+            schema = named_output_schema(name)
         return cls(
             id=id,
             feature=feature,
@@ -67,8 +73,8 @@ class JobSpec:
             latency=latency,
             messages=tuple(payload["messages"]),
             system=payload.get("system"),
-            output_schema=payload.get("output_schema"),
-            output_schema_name=payload.get("output_schema_name"),
+            output_schema=schema,
+            output_schema_name=name,
             max_tokens=payload["max_tokens"],
             temperature=payload["temperature"],
             metadata=payload.get("metadata") or {},
