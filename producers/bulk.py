@@ -24,6 +24,7 @@ import json
 import queue as queue_
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -75,13 +76,14 @@ class LineError:
     line: int
     field: str
     message: str
+    text: str = ""  # the start of the rejected line, for the rejects file
 
     def __str__(self) -> str:
         where = f"line {self.line}" + (f", field {self.field!r}" if self.field else "")
         return f"{where}: {self.message}"
 
     def record(self) -> dict[str, Any]:
-        return {"line": self.line, "field": self.field, "error": self.message}
+        return {"line": self.line, "field": self.field, "error": self.message, "input": self.text}
 
 
 @dataclass
@@ -128,15 +130,20 @@ def digest_of(source: Input) -> str:
 def batch_id_for(digest: str, options: BatchOptions) -> str:
     if options.batch_id:
         return options.batch_id
-    key = json.dumps([digest, options.defaults(), str(options.spend_cap_usd)], sort_keys=True)
+    key = json.dumps(
+        [digest, options.defaults(), str(options.spend_cap_usd), options.skip_invalid],
+        sort_keys=True,
+    )
     return "b-" + hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def parse_line(raw: RawLine, defaults: Mapping[str, Any], batch_id: str) -> JobSpec:
+def parse_line(
+    raw: RawLine, defaults: Mapping[str, Any], batch_id: str, limit: int = MAX_ENVELOPE_BYTES
+) -> JobSpec:
     """One line to a job, or `InvalidEnvelope` naming the field. The typed decoder takes
     the common case; anything it declines goes through the reference parser."""
     if raw.oversized:
-        raise InvalidEnvelope(f"{raw.size:,} bytes is over the {MAX_ENVELOPE_BYTES:,}-byte limit")
+        raise InvalidEnvelope(f"{raw.size:,} bytes is over the {limit:,}-byte limit")
     job_id, key = f"{batch_id}.{raw.no}", f"{batch_id}:{raw.no}"
     try:
         return envelope_fast.decode(raw.data, defaults, job_id, key, C.TIER_LADDER)
@@ -188,6 +195,7 @@ class _Writers:
         self.mark = start_after
         self.done: dict[int, int] = {}  # first line -> last line, committed beyond the mark
         self.written = self.existing = 0
+        self.conflicts: list[tuple[int, str]] = []  # (line, id): taken by another job
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
         for thread in self.threads:
             thread.start()
@@ -214,15 +222,19 @@ class _Writers:
 
     def _write(self, rows: list[bytes], first: int, last: int) -> None:
         with self.ledger.begin() as conn:
-            inserted = copy_rows(conn, rows)
-            with self.lock:
-                self.done[first] = last
-                mark = self.mark
-                while mark + 1 in self.done:
-                    mark = self.done.pop(mark + 1)
-                self.mark = mark
-                self.written += inserted
-                self.existing += len(rows) - inserted
+            inserted, conflicts = copy_rows(conn, rows, self.batch_id)
+        # The mark moves only over chunks that have committed: a chunk that fails never
+        # lets the mark pass it, so a resume writes it again.
+        with self.lock:
+            self.done[first] = last
+            mark = self.mark
+            while mark + 1 in self.done:
+                mark = self.done.pop(mark + 1)
+            self.mark = mark
+            self.written += inserted
+            self.existing += len(rows) - inserted - len(conflicts)
+            self.conflicts.extend(conflicts)
+        with self.ledger.begin() as conn:
             conn.execute(
                 update(Batch)
                 .where(Batch.id == self.batch_id, Batch.written_through < mark)
@@ -242,16 +254,28 @@ def submit(
 ) -> Report:
     """Check every line, write the valid ones, and enqueue them once all are checked."""
     started = time.perf_counter()
-    report = Report(batch_id_for(digest_of(source), options))
-    batch = _open_batch(ledger, source, report.batch_id, options)
+    digest = digest_of(source)
+    report = Report(batch_id_for(digest, options))
+    batch = _open_batch(ledger, source, report.batch_id, digest, options)
     report.resumed_from_line = batch.written_through
     writers = _Writers(ledger, report.batch_id, batch.written_through, WRITERS)
     try:
-        _read_and_write(source, options, report, batch.written_through, writers, on_reject,
-                        progress)  # fmt: skip
-    finally:
-        writers.close()
+        try:
+            _read_and_write(source, options, report, batch.written_through, writers,
+                            on_reject, progress)  # fmt: skip
+        finally:
+            writers.close()
+    except (OSError, EOFError, zlib.error) as exc:  # unreadable input: nothing is kept
+        _withdraw(ledger, report.batch_id)
+        raise InvalidEnvelope(
+            f"{source.name}: cannot read past line {report.lines:,}: {exc}"
+        ) from None
     report.written, report.existing = writers.written, writers.existing
+    for line, job_id in sorted(writers.conflicts):
+        error = LineError(line, "id", f"id or idempotency key of {job_id!r} belongs to another job")
+        report.error_count += 1
+        report.errors.append(error)
+        on_reject(error)
     if report.error_count and not options.skip_invalid:
         _withdraw(ledger, report.batch_id)
         return report
@@ -283,10 +307,11 @@ def _read_and_write(
             report.blank += 1
             continue
         try:
-            spec = parse_line(raw, defaults, report.batch_id)
+            spec = parse_line(raw, defaults, report.batch_id, options.max_line_bytes)
             _check_unique(spec, raw.no, report.batch_id, seen)
         except InvalidEnvelope as exc:
-            error = LineError(raw.no, exc.field, exc.reason)
+            text = raw.data[:2000].decode("utf-8", errors="replace")
+            error = LineError(raw.no, exc.field, exc.reason, text)
             report.error_count += 1
             if len(report.errors) < MAX_KEPT_ERRORS:
                 report.errors.append(error)
@@ -321,12 +346,23 @@ def _check_unique(
             raise InvalidEnvelope(f"duplicate {kind} {value!r} (first on line {first})", field=kind)
 
 
-def _open_batch(ledger: Ledger, source: Input, batch_id: str, options: BatchOptions) -> Batch:
+def _open_batch(
+    ledger: Ledger, source: Input, batch_id: str, digest: str, options: BatchOptions
+) -> Batch:
+    """The batch to write into: new, or the one an earlier run of the same input began."""
     with ledger.session() as s:
         batch = s.get(Batch, batch_id)
+        if batch is not None and batch.digest not in (None, digest):
+            raise InvalidEnvelope(
+                f"batch {batch_id!r} was submitted from other content; "
+                "give a new --batch-id (or none: one is derived from the content)"
+            )
+        if batch is not None and batch.cancelled_at is not None:
+            raise InvalidEnvelope(f"batch {batch_id!r} was cancelled; nothing more is added")
         if batch is None:
             batch = Batch(
                 id=batch_id,
+                digest=digest,
                 name=source.name[:200],
                 feature=options.feature,
                 options=options.defaults(),

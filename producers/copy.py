@@ -29,18 +29,21 @@ def copy_text(value: str | None) -> str:
     return value
 
 
-def copy_rows(conn: Any, rows: list[bytes]) -> int:
-    """Insert the rows (COPY text lines) that are new, in the connection's transaction;
-    return how many. COPY goes straight into `jobs`; if a row is already there (a resumed
-    chunk, or an idempotency key another batch holds), the chunk goes through a staging
-    table instead and is inserted with ON CONFLICT DO NOTHING."""
+def copy_rows(conn: Any, rows: list[bytes], batch_id: str) -> tuple[int, list[tuple[int, str]]]:
+    """Insert the rows (COPY text lines) that are new, in the connection's transaction.
+
+    Returns how many were inserted, and the (line, id) of rows refused because their id
+    or idempotency key belongs to ANOTHER job (another batch's, or another line's). COPY
+    goes straight into `jobs`; if any row is already there, the chunk goes through a
+    staging table and is inserted with ON CONFLICT DO NOTHING; a row that was there
+    already as this very job (a resumed chunk) is neither new nor refused."""
     if conn.dialect.name != "postgresql":
         raise ConfigurationError("bulk submission needs PostgreSQL (DATABASE_URL)")
     driver = conn.connection.driver_connection
     try:
         with conn.begin_nested():
             _copy(driver, f"jobs ({_COLUMN_LIST})", rows)
-        return len(rows)
+        return len(rows), []
     except psycopg.errors.UniqueViolation:
         pass
     conn.execute(
@@ -50,13 +53,21 @@ def copy_rows(conn: Any, rows: list[bytes]) -> int:
         )
     )
     _copy(driver, f"{_STAGE} ({_COLUMN_LIST})", rows)
-    result = conn.execute(
+    inserted = conn.execute(
         text(
             f"INSERT INTO jobs ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGE} "
             "ON CONFLICT DO NOTHING"
         )
-    )
-    return int(result.rowcount)
+    ).rowcount
+    refused = conn.execute(
+        text(
+            f"SELECT s.line, s.id FROM {_STAGE} s WHERE NOT EXISTS ("
+            "SELECT 1 FROM jobs j WHERE j.id = s.id AND j.batch_id = :batch "
+            "AND j.line = s.line)"
+        ),
+        {"batch": batch_id},
+    ).all()
+    return int(inserted), [(int(line), str(job_id)) for line, job_id in refused]
 
 
 def _copy(driver: Any, target: str, rows: list[bytes]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,10 +32,11 @@ from rich.table import Table
 
 from tierfleet.cli_common import Exit, err, fail, load_settings
 from tierfleet.db import Ledger, engine_from_settings
-from tierfleet.errors import JobNotFound, ServiceUnavailable, TierfleetError
+from tierfleet.errors import InvalidEnvelope, JobNotFound, ServiceUnavailable, TierfleetError
 from tierfleet.settings import Settings
 
 SHOWN_ERRORS = 20
+_BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,39}")  # + "." + line fits a job id
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
 
@@ -144,8 +146,7 @@ def submit(
         cap = Decimal(spend_cap_usd) if spend_cap_usd is not None else None
     except InvalidOperation:
         raise fail(f"--spend-cap-usd must be a number, not {spend_cap_usd!r}", Exit.USAGE) from None
-    if latency not in ("batch", "interactive"):
-        raise fail(f"--latency must be batch or interactive, not {latency!r}", Exit.USAGE)
+    _check_batch_options(feature, route, latency, batch_id)
     options = bulk.BatchOptions(
         feature=feature,
         route=route,
@@ -168,10 +169,13 @@ def submit(
         with _progress(console, "bytes") as bar:
             task = bar.add_task("submitting", total=None if source.gzip else source.size(),
                                 rate="")  # fmt: skip
-            report = bulk.submit(
-                source, options, ledger, celery, settings.queue_triage,
-                on_reject=rejected, progress=lambda n: bar.advance(task, n),
-            )  # fmt: skip
+            try:
+                report = bulk.submit(
+                    source, options, ledger, celery, settings.queue_triage,
+                    on_reject=rejected, progress=lambda n: bar.advance(task, n),
+                )  # fmt: skip
+            except InvalidEnvelope as exc:
+                raise fail(str(exc), Exit.USAGE) from None
         summary = report.summary()
         if not report.submitted:
             _print_errors(report, file)
@@ -198,6 +202,27 @@ def submit(
             print(report.batch_id)
         if failed:
             raise typer.Exit(Exit.WORK_FAILED)
+
+
+def _check_batch_options(
+    feature: str | None, route: str | None, latency: str, batch_id: str | None
+) -> None:
+    """Batch options are envelope fields for the lines that lack them: checked the same
+    way, once, before the file is opened."""
+    from tierfleet.envelope import parse_envelope
+
+    template: dict[str, Any] = {"feature": feature or "f", "prompt": "x", "latency": latency}
+    if route:
+        template["route"] = route
+    try:
+        parse_envelope(template)
+    except InvalidEnvelope as exc:
+        raise fail(f"--{exc.field}: {exc.reason}", Exit.USAGE) from None
+    if batch_id is not None and not _BATCH_ID.fullmatch(batch_id):
+        raise fail(
+            f"--batch-id must be 1-40 letters, digits, '.', '_', ':' or '-', not {batch_id!r}",
+            Exit.USAGE,
+        )
 
 
 @contextlib.contextmanager

@@ -154,6 +154,8 @@ def _describe(error: ValidationError) -> tuple[str, str]:
             else "one of 'messages' or 'prompt' is required"
         )
         return msg, "messages" if has else "prompt"
+    if error.validator == "not" and isinstance(error.instance, str):
+        return "must not contain control characters (newline, tab, NUL, ...)", path
     if error.validator == "required":
         missing = error.message.split("'")[1] if "'" in error.message else ""
         return f"required field {missing!r} is missing", f"{path}.{missing}".lstrip(".")

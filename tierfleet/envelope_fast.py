@@ -13,6 +13,7 @@ which refer to the patterns loaded from the schema at run time.)
 
 import functools
 import json
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -65,6 +66,9 @@ def _decoder() -> msgspec.json.Decoder[Any]:
     return msgspec.json.Decoder(Envelope)
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 class NotFast(Exception):
     """The fast path declined; the reference parser decides."""
 
@@ -79,6 +83,9 @@ def decode(
         env = _decoder().decode(line)
     except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
         raise NotFast from None
+    for value in (env.id, env.idempotency_key, env.feature, env.route):
+        if isinstance(value, str) and _CONTROL.search(value):
+            raise NotFast  # the schema forbids control characters in identifiers
     has_messages, has_prompt = env.messages is not UNSET, env.prompt is not UNSET
     if has_messages == has_prompt:
         raise NotFast

@@ -285,3 +285,105 @@ def test_unknown_batch_is_exit_4(settings: Settings) -> None:
         result = cli(*command)
         assert result.exit_code == 4, (command, result.output)
         assert "no batch with id 'nope'" in result.output
+
+
+def test_a_batch_id_reused_for_other_content_is_refused(
+    settings: Settings, ledger: Ledger, tmp_path: Path
+) -> None:
+    first = write_jsonl(tmp_path / "a.jsonl", [envelope(i) for i in range(3)])
+    other = write_jsonl(tmp_path / "b.jsonl", [envelope(i) for i in range(5)])
+    assert cli("submit", str(first), "--batch-id", "nightly-1").exit_code == 0
+    result = cli("submit", str(other), "--batch-id", "nightly-1")
+    assert result.exit_code == 2
+    assert "batch 'nightly-1' was submitted from other content" in result.output
+    assert jobs_in_db(ledger) == 3
+
+
+def test_a_line_whose_id_belongs_to_another_job_is_named(
+    settings: Settings, ledger: Ledger, tmp_path: Path
+) -> None:
+    taken = write_jsonl(tmp_path / "a.jsonl", [envelope(1, id="order-7")])
+    assert cli("submit", str(taken)).exit_code == 0
+    clash = write_jsonl(tmp_path / "b.jsonl", [envelope(2), envelope(3, id="order-7")])
+    result = cli("submit", str(clash), "--json")
+    assert result.exit_code == 2
+    report = json.loads(result.stdout)
+    assert [(e["line"], e["field"]) for e in report["errors"]] == [(2, "id")]
+    assert "belongs to another job" in report["errors"][0]["error"]
+    assert jobs_in_db(ledger) == 1  # the first batch's job, untouched; nothing half-applied
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--feature", "bad feature!"], "--feature: "),
+        (["--route", "gpu"], "--route: unknown tier 'gpu'"),
+        (["--latency", "soon"], "--latency: "),
+        (["--batch-id", "x" * 41], "--batch-id must be 1-40"),
+        (["--spend-cap-usd", "lots"], "--spend-cap-usd must be a number"),
+    ],
+)
+def test_bad_batch_options_are_refused_before_reading(
+    settings: Settings, ledger: Ledger, tmp_path: Path, args: list[str], words: str
+) -> None:
+    path = write_jsonl(tmp_path / "jobs.jsonl", [envelope(1)])
+    result = cli("submit", str(path), *args)
+    assert result.exit_code == 2 and words in result.output
+    assert jobs_in_db(ledger) == 0
+
+
+def test_a_corrupt_gzip_is_named_and_nothing_is_kept(
+    settings: Settings, ledger: Ledger, tmp_path: Path
+) -> None:
+    whole = gzip.compress(b"".join(json.dumps(envelope(i)).encode() + b"\n" for i in range(5000)))
+    path = tmp_path / "jobs.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    result = cli("submit", str(path))
+    assert result.exit_code == 2
+    assert "cannot read past line" in result.output
+    assert jobs_in_db(ledger) == 0
+
+
+def test_a_cancelled_batch_takes_no_more_lines(
+    settings: Settings, ledger: Ledger, tmp_path: Path
+) -> None:
+    path = write_jsonl(tmp_path / "jobs.jsonl", [envelope(i) for i in range(3)])
+    batch = json.loads(cli("submit", str(path), "--json").stdout)["batch_id"]
+    assert cli("cancel", batch).exit_code == 0
+    again = cli("submit", str(path))
+    assert again.exit_code == 2 and "was cancelled" in again.output
+
+
+def test_a_chunk_that_fails_to_commit_is_written_again_on_resume(
+    settings: Settings, ledger: Ledger, redis_url: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from producers import bulk, copy
+    from producers.jsonl import open_input
+    from tierfleet.transport import make_celery
+
+    path = write_jsonl(tmp_path / "jobs.jsonl", [envelope(i) for i in range(9000)])
+    real = copy.copy_rows
+
+    def flaky(conn: Any, rows: list[bytes], batch_id: str) -> Any:
+        if b"\t2001\t" in rows[0]:  # the second chunk: lines 2001-4000
+            raise RuntimeError("connection lost")
+        return real(conn, rows, batch_id)
+
+    monkeypatch.setattr(bulk, "copy_rows", flaky)
+    celery = make_celery(settings)
+    with open_input(str(path)) as source, pytest.raises(RuntimeError, match="connection lost"):
+        bulk.submit(source, bulk.BatchOptions(), ledger, celery, settings.queue_triage)
+    with ledger.session() as s:
+        mark = s.execute(select(Batch.written_through)).scalar_one()
+    assert mark < 2001  # never past the chunk that failed, whatever committed after it
+    assert chunk_messages(redis_url) == []  # nothing enqueued
+
+    monkeypatch.setattr(bulk, "copy_rows", real)
+    with open_input(str(path)) as source:
+        report = bulk.submit(source, bulk.BatchOptions(), ledger, celery, settings.queue_triage)
+    celery.close()
+    assert report.submitted and jobs_in_db(ledger) == 9000
+    with ledger.session() as s:
+        lines = s.execute(select(Job.line).order_by(Job.line)).scalars().all()
+    assert lines == list(range(1, 9001))
