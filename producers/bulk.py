@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 from celery import Celery
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects import postgresql
 
 from producers.copy import COLUMNS, copy_rows, copy_text
 from producers.jsonl import Input, RawLine, read_lines
@@ -349,18 +350,12 @@ def _check_unique(
 def _open_batch(
     ledger: Ledger, source: Input, batch_id: str, digest: str, options: BatchOptions
 ) -> Batch:
-    """The batch to write into: new, or the one an earlier run of the same input began."""
-    with ledger.session() as s:
-        batch = s.get(Batch, batch_id)
-        if batch is not None and batch.digest not in (None, digest):
-            raise InvalidEnvelope(
-                f"batch {batch_id!r} was submitted from other content; "
-                "give a new --batch-id (or none: one is derived from the content)"
-            )
-        if batch is not None and batch.cancelled_at is not None:
-            raise InvalidEnvelope(f"batch {batch_id!r} was cancelled; nothing more is added")
-        if batch is None:
-            batch = Batch(
+    """The batch to write into: new, or the one an earlier run of the same input began.
+    (`ON CONFLICT DO NOTHING`: two submits of one file at once share the batch.)"""
+    with ledger.begin() as conn:
+        conn.execute(
+            postgresql.insert(Batch)
+            .values(
                 id=batch_id,
                 digest=digest,
                 name=source.name[:200],
@@ -371,10 +366,19 @@ def _open_batch(
                 written_through=0,
                 enqueued_through=0,
             )
-            s.add(batch)
-            s.flush()
+            .on_conflict_do_nothing()
+        )
+    with ledger.session() as s:
+        batch = s.get_one(Batch, batch_id)
         s.expunge(batch)
-        return batch
+    if batch.digest not in (None, digest):
+        raise InvalidEnvelope(
+            f"batch {batch_id!r} was submitted from other content; "
+            "give a new --batch-id (or none: one is derived from the content)"
+        )
+    if batch.cancelled_at is not None:
+        raise InvalidEnvelope(f"batch {batch_id!r} was cancelled; nothing more is added")
+    return batch
 
 
 def _withdraw(ledger: Ledger, batch_id: str) -> None:
