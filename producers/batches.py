@@ -169,7 +169,11 @@ def cancel(ledger: Ledger, batch_id: str) -> int:
 
 def retry_failed(ledger: Ledger, celery: Celery, queue: str, batch_id: str) -> int:
     """Failed jobs go back to `queued` (their earlier attempts stay in the ledger, and no
-    longer count against the retry limits) and are sent to triage again."""
+    longer count against the retry limits) and are sent to triage again.
+
+    The messages go out before the reset commits: if sending fails, the jobs are still
+    `failed` and the command can simply be run again; if the commit fails after sending,
+    triage finds the jobs not `queued` and does nothing."""
     _batch(ledger, batch_id)
     with ledger.begin() as conn:
         reset = conn.execute(
@@ -184,12 +188,12 @@ def retry_failed(ledger: Ledger, celery: Celery, queue: str, batch_id: str) -> i
             )
             .returning(Job.id, Job.line)
         ).all()
-    lines = sorted(line for _, line in reset if line is not None)
-    for first, last in _ranges(lines):
-        celery.send_task(C.TASK_TRIAGE_RANGE, args=[batch_id, first, last], queue=queue)
-    for job_id, line in reset:
-        if line is None:  # a job submitted one by one into the batch
-            celery.send_task(C.TASK_TRIAGE, args=[job_id], queue=queue)
+        lines = sorted(line for _, line in reset if line is not None)
+        for first, last in _ranges(lines):
+            celery.send_task(C.TASK_TRIAGE_RANGE, args=[batch_id, first, last], queue=queue)
+        for job_id, line in reset:
+            if line is None:  # a job submitted one by one into the batch
+                celery.send_task(C.TASK_TRIAGE, args=[job_id], queue=queue)
     return len(reset)
 
 

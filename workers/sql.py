@@ -39,8 +39,11 @@ TRIAGE_WRITE_MANY = (
 )
 TRIAGE_WRITE = TRIAGE_WRITE_MANY.returning(Job.id)  # None: someone else triaged it
 
-# A bulk chunk: its queued jobs, locked so that a duplicate chunk message running at the
-# same time skips them instead of triaging them twice.
+# A bulk chunk: its queued jobs, locked. A duplicate chunk message running at the same
+# time waits for the lock and then, re-checking `status` (READ COMMITTED re-evaluates the
+# WHERE on the updated rows), finds them triaged: no job is triaged twice. (SKIP LOCKED
+# would skip rows still locked by the transaction that re-queues them, `tierfleet retry`,
+# and strand them.)
 RANGE_READ = (
     select(Job.id, Job.feature, Job.route, Job.latency, Job.payload)
     .where(
@@ -49,7 +52,7 @@ RANGE_READ = (
         Job.status == JobStatus.QUEUED,
     )
     .order_by(Job.line)
-    .with_for_update(skip_locked=True)
+    .with_for_update()
 )
 
 # Running on `p_tier`, in one statement: None when the job moved on (terminal, or on
