@@ -21,12 +21,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import anthropic
-import httpx2
 
 from tierfleet.envelope import JobSpec
 from tierfleet.prices import Usage
 from workers.backends.base import Completion
-from workers.backends.faults import connection_fault, status_fault, timeout_fault
+from workers.backends.faults import pooled_client, sdk_faults
 
 PROVIDER = "anthropic"
 EPHEMERAL = {"type": "ephemeral"}
@@ -50,14 +49,11 @@ class AnthropicBackend:
         self.model = model
         self.provider = PROVIDER
         self.prompt_cache = prompt_cache
-        limits = httpx2.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
         self._client = anthropic.Anthropic(
             api_key=api_key,
             base_url=base_url,
             max_retries=0,  # the escalation policy owns retries
-            http_client=httpx2.Client(limits=limits),
+            http_client=pooled_client(max_connections),
         )
 
     def __repr__(self) -> str:  # never the key
@@ -65,16 +61,8 @@ class AnthropicBackend:
 
     def complete(self, job: JobSpec, *, timeout_s: float) -> Completion:
         request = build_request(job, model=self.model, prompt_cache=self.prompt_cache)
-        try:
+        with sdk_faults(PROVIDER, anthropic, timeout_s):
             message = self._client.messages.create(**request, timeout=timeout_s)
-        except anthropic.APITimeoutError:
-            raise timeout_fault(PROVIDER, timeout_s) from None
-        except anthropic.APIConnectionError as exc:
-            raise connection_fault(PROVIDER, exc) from None
-        except anthropic.APIStatusError as exc:
-            raise status_fault(
-                PROVIDER, exc.status_code, _error_message(exc), exc.response.headers
-            ) from None
         usage = message.usage
         return Completion(
             text=_answer_text(message, wrapped=_needs_wrapping(job)),
@@ -141,12 +129,3 @@ def _answer_text(message: Any, *, wrapped: bool) -> str:
                 value = value.get(_WRAPPED)
             return json.dumps(value)
     return "".join(block.text for block in message.content if block.type == "text")
-
-
-def _error_message(exc: anthropic.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, Mapping):
-        inner = body.get("error", body)
-        if isinstance(inner, Mapping) and inner.get("message"):
-            return str(inner["message"])
-    return str(exc.message)

@@ -8,9 +8,14 @@ counts never multiply and every try leaves an attempt row.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import email.utils
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from types import ModuleType
+from typing import Any
+
+import httpx2
 
 from tierfleet.errors import (
     ProviderOverloaded,
@@ -71,3 +76,38 @@ def timeout_fault(provider: str, timeout_s: float) -> ProviderTimeout:
 
 def connection_fault(provider: str, exc: BaseException) -> ProviderUnavailable:
     return ProviderUnavailable(f"{provider} connection failed: {exc}")
+
+
+def pooled_client(max_connections: int) -> httpx2.Client:
+    """An HTTP client that keeps a connection per worker thread alive."""
+    limits = httpx2.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections
+    )
+    return httpx2.Client(limits=limits)
+
+
+@contextlib.contextmanager
+def sdk_faults(provider: str, sdk: ModuleType, timeout_s: float) -> Iterator[None]:
+    """Map the errors of a provider SDK (`openai`, `anthropic`: the same generated shape)
+    onto tierfleet's tree, dropping the SDK's traceback and keeping its message."""
+    try:
+        yield
+    except sdk.APITimeoutError:
+        raise timeout_fault(provider, timeout_s) from None
+    except sdk.APIConnectionError as exc:
+        raise connection_fault(provider, exc) from None
+    except sdk.APIStatusError as exc:
+        raise status_fault(
+            provider, exc.status_code, error_message(exc), exc.response.headers
+        ) from None
+
+
+def error_message(exc: Any) -> str:
+    """The provider's own words from an SDK status error (`{"error": {"message": ...}}`
+    or the inner error object)."""
+    body = exc.body
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping) and inner.get("message"):
+            return str(inner["message"])
+    return str(exc.message)

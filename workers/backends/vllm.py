@@ -9,7 +9,6 @@ worker that serves the small tier.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any
 
 import httpx2
@@ -19,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tierfleet.envelope import JobSpec
 from tierfleet.prices import Usage
 from workers.backends.base import Completion
-from workers.backends.faults import connection_fault, status_fault, timeout_fault
+from workers.backends.faults import pooled_client, sdk_faults
 
 PROVIDER = "vllm"
 
@@ -41,21 +40,18 @@ class VLLMBackend:
         self.model = model
         self.provider = PROVIDER
         self.base_url = base_url
-        limits = httpx2.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
         self._client = openai.OpenAI(
             base_url=base_url,
             api_key=api_key or "EMPTY",
             max_retries=0,  # the escalation policy owns retries
-            http_client=httpx2.Client(limits=limits),
+            http_client=pooled_client(max_connections),
         )
 
     def __repr__(self) -> str:
         return f"VLLMBackend(base_url={self.base_url!r}, model={self.model!r})"
 
     def complete(self, job: JobSpec, *, timeout_s: float) -> Completion:
-        try:
+        with sdk_faults(PROVIDER, openai, timeout_s):
             response = self._client.chat.completions.create(
                 model=self.model,
                 messages=_messages(job),  # type: ignore[arg-type]
@@ -65,14 +61,6 @@ class VLLMBackend:
                 timeout=timeout_s,
                 **_response_format(job),
             )
-        except openai.APITimeoutError:
-            raise timeout_fault(PROVIDER, timeout_s) from None
-        except openai.APIConnectionError as exc:
-            raise connection_fault(PROVIDER, exc) from None
-        except openai.APIStatusError as exc:
-            raise status_fault(
-                PROVIDER, exc.status_code, _error_message(exc), exc.response.headers
-            ) from None
         choice = response.choices[0]
         usage = response.usage
         tokens = choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
@@ -105,17 +93,6 @@ def _response_format(job: JobSpec) -> dict[str, Any]:
             "json_schema": {"name": name, "schema": dict(job.output_schema), "strict": True},
         }
     }
-
-
-def _error_message(exc: openai.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, Mapping):
-        inner = body.get("error", body)
-        if isinstance(inner, Mapping) and inner.get("message"):
-            return str(inner["message"])
-        if body.get("message"):
-            return str(body["message"])
-    return str(exc.message)
 
 
 def read_vllm_metrics(base_url: str, *, timeout_s: float = 2.0) -> dict[str, float]:
