@@ -21,7 +21,6 @@ from rich.console import Console
 from rich.live import Live
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
     TaskProgressColumn,
     TextColumn,
@@ -61,25 +60,18 @@ def _dump(data: Any) -> None:
     print(json.dumps(data, default=str))
 
 
-def _progress(console: Console, unit: str) -> Progress:
-    columns: list[Any] = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]
-    columns += [TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
-    columns += [TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
-    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
-
-
-def _rate_updater(bar: Progress, task: Any, unit: str) -> Callable[[int], None]:
-    start = time.monotonic()
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        elapsed = max(time.monotonic() - start, 1e-6)
-        rate = "" if unit == "bytes" else f"{done / elapsed:,.0f} jobs/s"
-        bar.update(task, advance=n, rate=rate)
-
-    return advance
+def _progress(console: Console) -> Progress:
+    """Bytes of input read, with rate and ETA (hidden when stderr is not a terminal)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
 
 
 def submit(
@@ -145,7 +137,12 @@ def submit(
     try:
         cap = Decimal(spend_cap_usd) if spend_cap_usd is not None else None
     except InvalidOperation:
-        raise fail(f"--spend-cap-usd must be a number, not {spend_cap_usd!r}", Exit.USAGE) from None
+        cap = Decimal("NaN")
+    if cap is not None and not (cap.is_finite() and cap >= 0):
+        raise fail(
+            f"--spend-cap-usd must be a number of dollars, 0 or more, not {spend_cap_usd!r}",
+            Exit.USAGE,
+        )
     _check_batch_options(feature, route, latency, batch_id)
     options = bulk.BatchOptions(
         feature=feature,
@@ -166,9 +163,9 @@ def submit(
         celery = make_celery(settings)
         stack.callback(celery.close)
         console = Console(stderr=True)
-        with _progress(console, "bytes") as bar:
-            task = bar.add_task("submitting", total=None if source.gzip else source.size(),
-                                rate="")  # fmt: skip
+        with _progress(console) as bar:
+            total = None if source.gzip else source.size()
+            task = bar.add_task("submitting", total=total)
             try:
                 report = bulk.submit(
                     source, options, ledger, celery, settings.queue_triage,

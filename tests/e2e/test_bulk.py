@@ -321,6 +321,7 @@ def test_a_line_whose_id_belongs_to_another_job_is_named(
         (["--latency", "soon"], "--latency: "),
         (["--batch-id", "x" * 41], "--batch-id must be 1-40"),
         (["--spend-cap-usd", "lots"], "--spend-cap-usd must be a number"),
+        (["--spend-cap-usd", "-5"], "0 or more"),
     ],
 )
 def test_bad_batch_options_are_refused_before_reading(
