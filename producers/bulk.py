@@ -35,7 +35,7 @@ from celery import Celery
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql
 
-from producers.copy import COLUMNS, copy_rows, copy_text
+from producers.copy import copy_rows, copy_text
 from producers.jsonl import Input, RawLine, read_lines
 from tierfleet import constants as C
 from tierfleet import envelope_fast
@@ -103,6 +103,11 @@ class Report:
     resumed_from_line: int = 0
     submitted: bool = False
     elapsed_s: float = 0.0  # from the first byte read to the last message sent
+
+    def reject(self, error: LineError) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_KEPT_ERRORS:
+            self.errors.append(error)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -172,7 +177,7 @@ def parse_line(
 
 
 def _row(spec: JobSpec, batch_id: str, line: int) -> bytes:
-    """The job as one line of COPY text, in `COLUMNS` order."""
+    """The job as one line of COPY text, in `producers.copy.COLUMNS` order."""
     # Every field from the input is escaped (a schema pattern's `$` lets a final newline
     # through in Python's regex dialect); the rest are ours, or an enum (latency).
     payload = copy_text(orjson.dumps(spec.payload()).decode())
@@ -274,8 +279,7 @@ def submit(
     report.written, report.existing = writers.written, writers.existing
     for line, job_id in sorted(writers.conflicts):
         error = LineError(line, "id", f"id or idempotency key of {job_id!r} belongs to another job")
-        report.error_count += 1
-        report.errors.append(error)
+        report.reject(error)
         on_reject(error)
     if report.error_count and not options.skip_invalid:
         _withdraw(ledger, report.batch_id)
@@ -313,9 +317,7 @@ def _read_and_write(
         except InvalidEnvelope as exc:
             text = raw.data[:2000].decode("utf-8", errors="replace")
             error = LineError(raw.no, exc.field, exc.reason, text)
-            report.error_count += 1
-            if len(report.errors) < MAX_KEPT_ERRORS:
-                report.errors.append(error)
+            report.reject(error)
             on_reject(error)
             writing = writing and options.skip_invalid  # no use writing what is withdrawn
             continue
@@ -426,4 +428,4 @@ def spans(first: int, last: int, size: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + size - 1, last)
 
 
-__all__ = ["COLUMNS", "BatchOptions", "LineError", "Report", "submit"]
+__all__ = ["BatchOptions", "LineError", "Report", "submit"]
