@@ -4,7 +4,8 @@ In one run: (a) `tierfleet submit FILE --json` of N jobs of about 1 KB each (val
 COPY into Postgres, one triage message per chunk), as a subprocess whose peak memory is
 read from the kernel; (b) the same number of 1-KB messages LPUSHed into Redis with a bare
 redis-py pipeline in chunks of 1,000, the ceiling for anything that puts N things on a
-Redis queue from one Python process.
+Redis queue from one Python process (run before and after the submission; the faster
+run is the ceiling).
 
     .venv/bin/python bench/submit_throughput.py [--jobs 100000]
 
@@ -85,7 +86,7 @@ def main() -> int:
             size = make_file(path, args.jobs)
             print(f"{args.jobs:,} jobs, {size} bytes each, {path.stat().st_size / 1e6:.0f} MB")
 
-            raw_rate = raw_redis(args.jobs, size)
+            raw_before = raw_redis(args.jobs, size)
             t0 = time.perf_counter()
             done = subprocess.run(
                 [sys.executable, "-m", "tierfleet", "submit", str(path), "--json"],
@@ -93,6 +94,9 @@ def main() -> int:
             )  # fmt: skip
             elapsed = time.perf_counter() - t0
             peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            # The ceiling is measured before and after, and the faster run is kept: a
+            # noisy neighbour slowing the pipeline must not flatter the submission.
+            raw_rate = max(raw_before, raw_redis(args.jobs, size))
         if done.returncode != 0:
             print(done.stderr[-3000:], file=sys.stderr)
             return 1

@@ -48,6 +48,7 @@ CHUNK_LINES = 2000
 _QUEUED = C.JobStatus.QUEUED.value
 WRITERS = 3  # Postgres connections writing at once: COPY is server-bound (measured best here)
 _IN_FLIGHT = 4  # parsed chunks waiting for a writer: bounds memory
+_PROGRESS_BYTES = 1 << 18
 MAX_KEPT_ERRORS = 10_000  # beyond this, errors are counted (and still written to rejects)
 
 
@@ -305,9 +306,13 @@ def _read_and_write(
     chunk: list[bytes] = []
     first = start_after + 1
     writing = True
+    unreported = 0  # bytes read since the last progress call (one call per line costs 5%)
     for raw in read_lines(source, options.max_line_bytes):
         report.lines += 1
-        progress(raw.size + 1)
+        unreported += raw.size + 1
+        if unreported >= _PROGRESS_BYTES:
+            progress(unreported)
+            unreported = 0
         if not raw.oversized and not raw.data.strip():
             report.blank += 1
             continue
@@ -330,6 +335,7 @@ def _read_and_write(
             chunk, first = [], raw.no + 1
             if writers.failure:
                 return
+    progress(unreported)
     if chunk and writing:
         writers.put(chunk, first, report.lines)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -46,4 +47,17 @@ def test_downgrade_to_base_and_upgrade_again(scratch_database: str) -> None:
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     upgrade(scratch_database)
     assert {"batches", "jobs", "attempts"} <= set(inspect(engine).get_table_names())
+    engine.dispose()
+
+
+def test_migrations_run_on_sqlite_too(tmp_path: Path) -> None:
+    """`DATABASE_URL=sqlite:///...` (a one-machine ledger) is migrated like Postgres."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+    command.downgrade(alembic_config(url), "base")
+    assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     engine.dispose()
