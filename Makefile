@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test services lint clean
+.PHONY: demo test chaos services lint clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -28,6 +28,11 @@ services: $(VENV)/.installed-dev
 
 test: services
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The chaos suite alone (also part of `make test`): workers killed, Redis flushed,
+# Postgres cut off, poison messages, provider fault storms, fuzzed input.
+chaos: services
+	$(BIN)/pytest -m chaos $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -14,9 +14,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tierfleet import cli_batch
-from tierfleet.cli_common import Exit, err, fail, load_settings
-from tierfleet.errors import ConfigurationError, JobNotFound, TierfleetError
+from tierfleet import cli_batch, cli_ops
+from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger, service_errors
+from tierfleet.errors import ConfigurationError, TierfleetError
 
 app = typer.Typer(
     help="tierfleet: run LLM jobs on the cheapest model tier that passes validation.",
@@ -51,7 +51,8 @@ def demo(
         console = Console()
         if not console.is_terminal:
             console = Console(width=120)
-        row = run_demo(settings, jobs=jobs, concurrency=concurrency, console=console)
+        with service_errors(settings):
+            row = run_demo(settings, jobs=jobs, concurrency=concurrency, console=console)
     except ConfigurationError as exc:
         raise fail(str(exc), Exit.USAGE) from None
     except TierfleetError as exc:
@@ -75,6 +76,14 @@ def worker(
         ),
     ] = None,
     loglevel: Annotated[str, typer.Option(envvar="TIERFLEET_LOG_LEVEL")] = "INFO",
+    beat: Annotated[
+        bool,
+        typer.Option(
+            "--beat",
+            envvar="TIERFLEET_BEAT",
+            help="Also run beat, the reconciler's clock, in this process (once per fleet).",
+        ),
+    ] = False,
 ) -> None:
     """Run a Celery worker for one pool (needs REDIS_URL and DATABASE_URL; the slm pool
     VLLM_BASE_URL, the frontier pool ANTHROPIC_API_KEY, unless TIERFLEET_BACKEND=sim)."""
@@ -118,6 +127,7 @@ def worker(
             f"{pool}@%h",
             "--without-gossip",
             "--without-mingle",
+            *(["--beat", "--schedule", cli_ops.beat_schedule_path()] if beat else []),
         ]
     )
 
@@ -144,26 +154,18 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
 @job_app.command("get")
 def job_get(job_id: str) -> None:
     """Print a job's status, tier, result, attempts and cost, as JSON."""
-    from tierfleet.db import Ledger, engine_from_settings
     from tierfleet.store import get_job
 
-    settings = load_settings()
-    try:
-        ledger = Ledger(engine_from_settings(settings))
-    except TierfleetError as exc:
-        raise fail(str(exc), Exit.USAGE) from None
-    try:
-        with ledger.session() as s:
-            view = get_job(s, job_id)
-    except JobNotFound as exc:
-        raise fail(str(exc), Exit.NOT_FOUND) from None
-    finally:
-        ledger.engine.dispose()
+    with open_ledger(load_settings()) as ledger, ledger.session() as s:
+        view = get_job(s, job_id)
     print(json.dumps(view.to_dict(), indent=2, default=str))
 
 
 for _name in ("submit", "status", "results", "cancel", "retry"):
     app.command(_name)(getattr(cli_batch, _name))
+app.command("beat")(cli_ops.beat)
+app.command("reconcile")(cli_ops.reconcile)
+app.command("dead-letters")(cli_ops.dead_letters)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ move together.
 from __future__ import annotations
 
 import enum
+import uuid
 from typing import Final
 
 ENVELOPE_VERSION: Final = 1
@@ -26,6 +27,11 @@ QUEUE_FRONTIER: Final = "tier.frontier"
 TASK_TRIAGE: Final = "tierfleet.triage"
 TASK_ATTEMPT: Final = "tierfleet.attempt"
 TASK_TRIAGE_RANGE: Final = "tierfleet.triage_range"  # a bulk chunk: batch id, line range
+TASK_RECONCILE: Final = "tierfleet.reconcile"  # periodic (beat): re-drives stranded jobs
+QUEUE_CONTROL: Final = "tierfleet.control"  # the reconciler's: never behind a backlog
+
+# Attempt ids are uuid5(this, "<job id>/<seq>"): the same attempt always has the same id.
+ATTEMPT_ID_NAMESPACE: Final = uuid.UUID("6f1d3c2e-5b7a-4e8f-9a0b-1c2d3e4f5a6b")
 
 # Redis keys. Celery (kombu) keeps each queue as a list named after the queue, and the
 # messages delivered but not yet acknowledged in a hash and a sorted set.
@@ -47,6 +53,8 @@ METRIC_ATTEMPT_LATENCY_MS: Final = METRIC_PREFIX + "attempt.latency_ms"
 METRIC_JOB_DURATION_MS: Final = METRIC_PREFIX + "job.duration_ms"
 METRIC_QUEUE_DEPTH: Final = METRIC_PREFIX + "queue.depth"
 METRIC_QUEUE_UNACKED: Final = METRIC_PREFIX + "queue.unacked"
+METRIC_JOBS_REDRIVEN: Final = METRIC_PREFIX + "jobs.redriven"  # tags: stage
+METRIC_DEAD_LETTERS: Final = METRIC_PREFIX + "dead_letters"  # tags: task, reason
 
 
 class JobStatus(enum.StrEnum):
@@ -76,3 +84,4 @@ class Outcome(enum.StrEnum):
     TIMEOUT = "timeout"  # the call exceeded the tier's timeout
     ERROR = "error"  # a transient provider fault (429, 529, 5xx, connection)
     FAILED = "failed"  # a permanent fault (bad request, auth)
+    ABANDONED = "abandoned"  # its worker was lost mid-call (lease expired); not applied

@@ -104,3 +104,10 @@ class Metrics:
         tags = [f"tier:{tier}", f"feature:{feature}", f"outcome:{status}"]
         self._sink.increment(C.METRIC_JOBS_FINISHED, tags=tags)
         self._sink.distribution(C.METRIC_JOB_DURATION_MS, duration_ms, tags=tags)
+
+    def redriven(self, *, stage: str, count: int) -> None:
+        """Jobs the reconciler sent again, by the stage they were stranded in."""
+        self._sink.increment(C.METRIC_JOBS_REDRIVEN, count, tags=[f"stage:{stage}"])
+
+    def dead_letter(self, *, task: str, reason: str) -> None:
+        self._sink.increment(C.METRIC_DEAD_LETTERS, tags=[f"task:{task}", f"reason:{reason}"])

@@ -134,6 +134,12 @@ class Job(Base):
         _now(), server_default=func.now(), onupdate=func.now()
     )
     finished_at: Mapped[dt.datetime | None] = mapped_column(_now())
+    # The lease of the attempt running now (`attempt_count` is its seq): a worker that
+    # outlives `lease_until` has been replaced. `lost_leased_at` is set when a claim took
+    # the job over from such a worker (the start of the lapsed lease).
+    leased_at: Mapped[dt.datetime | None] = mapped_column(_now())
+    lease_until: Mapped[dt.datetime | None] = mapped_column(_now())
+    lost_leased_at: Mapped[dt.datetime | None] = mapped_column(_now())
 
     attempts: Mapped[list[Attempt]] = relationship(
         back_populates="job", order_by="Attempt.seq", lazy="raise"
@@ -185,3 +191,25 @@ class Attempt(Base):
         Index(None, "feature", "created_at"),
         Index(None, "tier", "created_at"),
     )
+
+
+class DeadLetter(Base):
+    """A message that could not be processed: undecodable, unknown, or failing every
+    time. Kept with its error, traceback and (the start of) its body, never retried."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[str | None] = mapped_column(String(64))
+    task: Mapped[str | None] = mapped_column(String(100))
+    queue: Mapped[str | None] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(
+        String(32)
+    )  # undecodable | unknown_task | errors | worker_lost
+    tries: Mapped[int] = mapped_column(Integer, default=1)
+    error: Mapped[str] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    body: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
+
+    __table_args__ = (Index(None, "created_at"), Index(None, "job_id"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -77,6 +77,15 @@ class Settings(BaseSettings):
     retry_base_delay_s: float = Field(1.0, ge=0)
     retry_max_delay_s: float = Field(60.0, ge=0)
     visibility_timeout_s: int = Field(3600, gt=0)
+
+    # Durability. A running job is leased for its call's timeout plus the grace; a lease
+    # that lapses means its worker was lost, and the reconciler runs the job again.
+    lease_grace_s: float = Field(30.0, ge=0)
+    reconcile_interval_s: float = Field(30.0, gt=0)
+    stale_after_s: float = Field(300.0, gt=0)
+    max_worker_losses: int = Field(3, ge=1)
+    max_task_errors: int = Field(3, ge=1)
+    db_retry_s: float = Field(120.0, ge=0)
     min_mean_logprob: float | None = None
 
     prices_file: Path | None = None
@@ -156,18 +165,45 @@ def env_names() -> dict[str, str]:
 
 
 def _sqlalchemy_url(url: str) -> str:
-    """Accept `postgres://` and `postgresql://` and pick the psycopg 3 driver."""
+    """Accept `postgres://` and `postgresql://` and pick the psycopg 3 driver. A password
+    given as a query parameter (libpq's `?password=`) moves into the user part, the one
+    place SQLAlchemy hides when it prints the URL."""
     parts = urlsplit(url)
-    if parts.scheme in ("postgres", "postgresql"):
-        return urlunsplit(parts._replace(scheme="postgresql+psycopg"))
-    return url
+    if parts.scheme not in ("postgres", "postgresql", "postgresql+psycopg"):
+        return url
+    parts = parts._replace(scheme="postgresql+psycopg")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    password = [value for key, value in query if key == "password"]
+    if password and parts.password is None:
+        user, _, host = parts.netloc.rpartition("@")
+        rest = urlencode([(key, value) for key, value in query if key != "password"])
+        netloc = f"{user}:{quote(password[-1], safe='')}@{host}"
+        parts = parts._replace(netloc=netloc, query=rest)
+    return _join(parts)
 
 
 def redact_url(url: str) -> str:
-    """`scheme://user:***@host/db`: a URL safe to print."""
+    """`scheme://user:***@host/db`: a URL safe to print (a `password` query parameter is
+    hidden too)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    in_query = any(key == "password" for key, _ in query)
+    if parts.password is None and not in_query:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if in_query:
+        hidden = [(key, "***" if key == "password" else value) for key, value in query]
+        parts = parts._replace(query=urlencode(hidden, safe="*"))
+    return _join(parts)
+
+
+def _join(parts: SplitResult) -> str:
+    """`urlunsplit`, keeping the `//` of a URL with an empty host (`postgresql:///db`)."""
+    out = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    if parts.query:
+        out += f"?{parts.query}"
+    if parts.fragment:
+        out += f"#{parts.fragment}"
+    return out

@@ -4,13 +4,16 @@ A pool is what one `tierfleet worker --pool NAME` process consumes, and how:
 
 | pool     | queues                   | Celery pool | concurrency (default)         |
 |----------|--------------------------|-------------|-------------------------------|
-| triage   | triage                   | prefork     | CPU count (scoring is CPU)    |
+| triage   | triage, tierfleet.control | prefork    | CPU count (scoring is CPU)    |
 | slm      | tier.slm                 | threads     | TIERFLEET_SLM_CONCURRENCY, 32 |
 | frontier | tier.frontier            | threads     | TIERFLEET_FRONTIER_CONCURRENCY, 32 |
-| all      | all three                | threads     | TIERFLEET_SLM_CONCURRENCY     |
+| all      | all four                 | threads     | TIERFLEET_SLM_CONCURRENCY     |
 
 Tier workers wait on model calls, so they keep many requests in flight on threads (vLLM's
 continuous batching wants them); one process and its connections serve them all.
+
+`tierfleet.control` carries the reconciler's periodic runs (sent by beat), on a queue of
+its own so that they never wait behind a backlog of jobs.
 """
 
 from __future__ import annotations
@@ -41,6 +44,15 @@ class PoolPlan:
 def create_app(settings: Settings, *, broker_url: str | None = None) -> Celery:
     app = make_celery(settings, broker_url=broker_url)
     app.conf.include = ["workers.tasks"]
+    # Messages no task can run (undecodable, unknown) are dead-lettered, not just logged.
+    app.conf.worker_consumer = "workers.consumer:Consumer"
+    app.conf.beat_schedule = {
+        "reconcile": {
+            "task": C.TASK_RECONCILE,
+            "schedule": settings.reconcile_interval_s,
+            "options": {"queue": C.QUEUE_CONTROL, "expires": settings.reconcile_interval_s},
+        }
+    }
     import workers.tasks  # noqa: F401  (registers the shared tasks)
 
     app.finalize()
@@ -49,7 +61,8 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> Celery:
 
 def plan_pool(settings: Settings, pool: str, concurrency: int | None = None) -> PoolPlan:
     if pool == "triage":
-        return PoolPlan([settings.queue_triage], (), "prefork", concurrency or os.cpu_count() or 1)
+        queues = [settings.queue_triage, C.QUEUE_CONTROL]
+        return PoolPlan(queues, (), "prefork", concurrency or os.cpu_count() or 1)
     if pool == "slm":
         n = concurrency or settings.slm_concurrency
         return PoolPlan([settings.queue_slm], (C.TIER_SLM,), "threads", n)
@@ -58,6 +71,7 @@ def plan_pool(settings: Settings, pool: str, concurrency: int | None = None) -> 
         return PoolPlan([settings.queue_frontier], (C.TIER_FRONTIER,), "threads", n)
     if pool == "all":
         queues = [settings.queue_triage, settings.queue_slm, settings.queue_frontier]
+        queues.append(C.QUEUE_CONTROL)
         return PoolPlan(queues, C.TIER_LADDER, "threads", concurrency or settings.slm_concurrency)
     raise ValueError(f"unknown pool {pool!r}; pools are {', '.join(POOLS)}")
 

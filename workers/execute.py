@@ -13,13 +13,18 @@ import datetime as dt
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from decimal import Decimal
+from typing import Any, TypeVar
 
+import orjson
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError
 
+from tierfleet import constants as C
 from tierfleet.constants import JobStatus, Outcome
-from tierfleet.envelope import JobSpec
+from tierfleet.envelope import DEFAULT_MAX_TOKENS, JobSpec
 from tierfleet.errors import (
     InvalidOutput,
     PermanentError,
@@ -34,6 +39,9 @@ from workers.validation import LOW_CONFIDENCE_RULE, validate
 
 log = logging.getLogger("tierfleet.worker")
 
+_T = TypeVar("_T")
+
+_MAX_BODY_CHARS = 64_000
 _ANSWERED = (Outcome.SUCCEEDED, Outcome.INVALID, Outcome.LOW_CONFIDENCE)
 _TRANSIENT = (Outcome.ERROR, Outcome.TIMEOUT)
 
@@ -91,18 +99,32 @@ def triage_job(rt: Runtime, job_id: str) -> Next | None:
     return Next(decision.tier)
 
 
-def triage_range(rt: Runtime, batch_id: str, first: int, last: int) -> list[tuple[str, Next]]:
-    """Triage a bulk chunk: the batch's jobs on lines `first`..`last` still queued."""
+def triage_range(
+    rt: Runtime, batch_id: str, first: int, last: int
+) -> tuple[list[tuple[str, Next]], list[str]]:
+    """Triage a bulk chunk: the batch's jobs on lines `first`..`last` still queued.
+    Returns the decisions, and the jobs that could not be triaged here (their payload or
+    scorer raised): those go on as messages of their own, so that one bad job is retried
+    and, if need be, dead-lettered alone, not with its chunk."""
     decided: list[tuple[str, Next]] = []
     params: list[dict[str, Any]] = []
+    alone: list[str] = []
     with rt.ledger.begin() as conn:
         rows = conn.execute(sql.RANGE_READ, {"p_batch": batch_id, "p_first": first, "p_last": last})
         for row in rows:
-            spec = JobSpec.from_row(
-                id=row.id, feature=row.feature, route=row.route, latency=row.latency,
-                payload=row.payload,
-            )  # fmt: skip
-            decision = rt.triage.decide(spec)
+            try:
+                spec = JobSpec.from_row(
+                    id=row.id, feature=row.feature, route=row.route, latency=row.latency,
+                    payload=row.payload,
+                )  # fmt: skip
+                decision = rt.triage.decide(spec)
+            except Exception:
+                log.exception(
+                    "cannot triage a job of a chunk; it goes on alone",
+                    extra={"action": "triage.range_error", "job_id": row.id},
+                )
+                alone.append(row.id)
+                continue
             params.append(
                 {
                     "p_id": row.id,
@@ -120,27 +142,132 @@ def triage_range(rt: Runtime, batch_id: str, first: int, last: int) -> list[tupl
         extra={"action": "triage.range", "batch_id": batch_id, "lines": f"{first}-{last}",
                "jobs": len(decided)},
     )  # fmt: skip
-    return decided
+    return decided, alone
+
+
+def attempt_id(job_id: str, seq: int) -> str:
+    """An attempt's id follows from its job and seq: whoever records it (its worker, or
+    the successor that took the job over) writes the same row."""
+    return str(uuid.uuid5(C.ATTEMPT_ID_NAMESPACE, f"{job_id}/{seq}"))
+
+
+def _timeout_s(rt: Runtime, tier: str, max_tokens: int) -> float:
+    if tier == rt.policy.ladder[-1]:
+        return rt.settings.frontier_timeout_s
+    return rt.settings.slm_timeout_s(max_tokens)
 
 
 @dataclass(frozen=True, slots=True)
 class _Claimed:
     spec: JobSpec
-    seq: int
+    seq: int  # this attempt's; the job's `attempt_count` while it holds the lease
     floor: int  # attempts up to this seq belong to an earlier run (see `tierfleet retry`)
     created_at: dt.datetime
 
 
 def _claim(rt: Runtime, job_id: str, tier: str) -> _Claimed | None:
-    """Mark the job running on `tier`; None when the job moved on."""
+    """Lease the job for a call on `tier`; None when the job moved on, or is running
+    under another worker's live lease. The lease lasts the call's timeout plus a grace."""
+    now = _now()
+    lease_s = _timeout_s(rt, tier, DEFAULT_MAX_TOKENS) + rt.settings.lease_grace_s
     with rt.ledger.begin() as conn:
-        row = conn.execute(sql.CLAIM, {"p_id": job_id, "p_tier": tier}).one_or_none()
-    if row is None:
-        return None
-    spec = JobSpec.from_row(
-        id=job_id, feature=row.feature, route=row.route, latency=row.latency, payload=row.payload
+        row = conn.execute(
+            sql.CLAIM,
+            {"p_id": job_id, "p_tier": tier, "p_now": now, "p_until": now + _s(lease_s)},
+        ).one_or_none()
+        if row is None:
+            return None
+        spec = JobSpec.from_row(
+            id=job_id, feature=row.feature, route=row.route, latency=row.latency,
+            payload=row.payload,
+        )  # fmt: skip
+        claimed = _Claimed(spec, row.attempt_count, row.attempt_floor, row.created_at)
+        need_s = _timeout_s(rt, tier, spec.max_tokens) + rt.settings.lease_grace_s
+        if need_s > lease_s:
+            conn.execute(
+                sql.EXTEND_LEASE,
+                {"p_id": job_id, "p_seq": claimed.seq, "p_until": now + _s(need_s)},
+            )
+        if row.lost_leased_at is not None and not _take_over(
+            rt, conn, claimed, tier, row.lost_leased_at
+        ):
+            return None
+    return claimed
+
+
+def _take_over(
+    rt: Runtime, conn: Connection, claimed: _Claimed, tier: str, lost_since: dt.datetime
+) -> bool:
+    """The job's last worker was lost mid-call: its attempt is recorded as abandoned
+    (usage unknown: no answer came back). After `max_worker_losses` such losses the job
+    is dead-lettered instead of run again: it may be what crashes its workers."""
+    job_id, spec = claimed.spec.id, claimed.spec
+    backend = rt.backends[tier]
+    lost_seq = claimed.seq - 1
+    conn.execute(
+        sql.insert_attempt_once(conn.dialect.name),
+        _attempt_row(
+            job_id, lost_seq, tier, backend, spec.feature, CallResult(Outcome.ABANDONED,
+            error="its worker was lost mid-call (the lease lapsed); usage unknown"),
+            cost=Decimal(0), latency_ms=_ms_since(lost_since), started_at=lost_since,
+        ),
+    )  # fmt: skip
+    losses = conn.execute(sql.COUNT_ABANDONED, {"p_id": job_id, "p_floor": claimed.floor})
+    lost = int(losses.scalar_one())
+    log.warning(
+        "took over a job whose worker was lost",
+        extra={"action": "attempt.take_over", "job_id": job_id, "tier": tier, "losses": lost},
     )
-    return _Claimed(spec, row.attempt_count + 1, row.attempt_floor, row.created_at)
+    if lost < rt.settings.max_worker_losses:
+        return True
+    error = (
+        f"dead letter: its worker was lost {lost} times while running it "
+        "(a job that crashes its worker?)"
+    )
+    dead_letter(
+        rt, conn, job_id=job_id, task=C.TASK_ATTEMPT, queue=rt.settings.queue_for(tier),
+        reason="worker_lost", tries=lost, error=error, body=[job_id, tier],
+    )  # fmt: skip
+    return False
+
+
+def dead_letter(
+    rt: Runtime,
+    conn: Connection,
+    *,
+    job_id: str | None,
+    task: str | None,
+    queue: str | None,
+    reason: str,
+    tries: int,
+    error: str,
+    traceback: str | None = None,
+    body: Any = None,
+) -> None:
+    """Give up on a message: its job (if any, and unfinished) fails with `error`, and a
+    dead-letter row keeps the error, traceback and body for a person to look at."""
+    if job_id is not None:
+        failed = conn.execute(sql.FAIL_UNFINISHED, {"p_id": job_id, "p_error": error}).first()
+        if failed is not None:
+            rt.metrics.job_finished(
+                tier=failed.tier or "none", feature=failed.feature, status="failed",
+                duration_ms=_duration_ms(failed.created_at),
+            )  # fmt: skip
+    text = body if isinstance(body, str) or body is None else orjson.dumps(body).decode()
+    conn.execute(
+        sql.INSERT_DEAD_LETTER,
+        {
+            "job_id": job_id, "task": task, "queue": queue, "reason": reason, "tries": tries,
+            "error": error[:10_000], "traceback": traceback,
+            "body": None if text is None else text[:_MAX_BODY_CHARS],
+        },
+    )  # fmt: skip
+    rt.metrics.dead_letter(task=task or "unknown", reason=reason)
+    log.error(
+        "dead letter",
+        extra={"action": "dead_letter", "job_id": job_id, "task": task, "reason": reason,
+               "tries": tries},
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,47 +334,29 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
     t0 = time.perf_counter()
     call = _call(rt, spec, tier)
     latency_ms = round((time.perf_counter() - t0) * 1000)
-    usage, outcome = call.usage, call.outcome
-    cost = rt.prices[backend.model].cost_usd(usage)
-
-    with rt.ledger.begin() as conn:
-        decision = _decide(rt, conn, job_id, tier, call, claimed.floor)
-        conn.execute(
-            sql.INSERT_ATTEMPT,
-            {
-                "id": str(uuid.uuid4()),
-                "job_id": job_id,
-                "seq": claimed.seq,
-                "tier": tier,
-                "model": backend.model,
-                "provider": backend.provider,
-                "outcome": outcome,
-                "error": call.error or None,
-                "input_tokens": usage.input_tokens,
-                "output_tokens": usage.output_tokens,
-                "cache_read_tokens": usage.cache_read_tokens,
-                "cache_write_tokens": usage.cache_write_tokens,
-                "latency_ms": latency_ms,
-                "cost_usd": cost,
-                "mean_logprob": call.mean_logprob,
-                "finish_reason": call.finish_reason,
-                "feature": spec.feature,
-                "started_at": started_at,
-            },
-        )
-        statement, params = _record(decision, call.result)
-        conn.execute(statement, {"p_id": job_id, "p_cost": cost, **params})
-
+    cost = rt.prices[backend.model].cost_usd(call.usage)
+    row = _attempt_row(
+        job_id, claimed.seq, tier, backend, spec.feature, call, cost=cost,
+        latency_ms=latency_ms, started_at=started_at,
+    )  # fmt: skip
+    # The answer is paid for: wait out a ledger outage rather than call again.
+    decision = _with_ledger_retry(rt, job_id, lambda: _book(rt, claimed, tier, call, row))
     rt.metrics.attempt(
         tier=tier,
         model=backend.model,
         provider=backend.provider,
         feature=spec.feature,
-        outcome=outcome.value,
-        usage=usage,
+        outcome=call.outcome.value if decision else Outcome.ABANDONED.value,
+        usage=call.usage,
         cost_usd=cost,
         latency_ms=latency_ms,
     )
+    if decision is None:
+        log.warning(
+            "answered after the lease lapsed; recorded, not applied",
+            extra={"action": "attempt.fenced", "job_id": job_id, "tier": tier},
+        )
+        return None
     log.info(
         "attempt",
         extra={
@@ -255,11 +364,92 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
             "job_id": job_id,
             "tier": tier,
             "feature": spec.feature,
-            "outcome": outcome.value,
+            "outcome": call.outcome.value,
             "decision": decision.action.value,
         },
     )
-    return _follow(rt, spec, tier, outcome, decision, claimed.created_at)
+    return _follow(rt, spec, tier, call.outcome, decision, claimed.created_at)
+
+
+def _book(
+    rt: Runtime, claimed: _Claimed, tier: str, call: CallResult, row: dict[str, Any]
+) -> Decision | None:
+    """Record the attempt and apply the policy's decision to the job, in one transaction;
+    None when this worker's lease lapsed meanwhile (the attempt is kept, as abandoned,
+    with its real usage and cost; the job's new owner decides)."""
+    job_id = claimed.spec.id
+    with rt.ledger.begin() as conn:
+        decision = _decide(rt, conn, job_id, tier, call, claimed.floor)
+        statement, params = _record(decision, call.result)
+        applied = conn.execute(
+            statement, {"p_id": job_id, "p_seq": claimed.seq, "p_cost": row["cost_usd"], **params}
+        ).first()
+        if applied is not None:
+            conn.execute(sql.INSERT_ATTEMPT, row)
+            return decision
+        fenced = {
+            **row,
+            "outcome": Outcome.ABANDONED,
+            "error": f"answered ({call.outcome.value}) after its lease lapsed; not applied",
+        }
+        conn.execute(sql.upsert_abandoned(conn.dialect.name), fenced)
+        conn.execute(sql.ADD_COST, {"p_id": job_id, "p_cost": row["cost_usd"]})
+        return None
+
+
+def _with_ledger_retry(rt: Runtime, job_id: str, write: Callable[[], _T]) -> _T:
+    """Run `write`, retrying while the ledger is unreachable, for up to `db_retry_s`."""
+    deadline = time.monotonic() + rt.settings.db_retry_s
+    delay = 0.25
+    while True:
+        try:
+            return write()
+        except DBAPIError as exc:
+            if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning(
+                "ledger unavailable; holding the answer",
+                extra={"action": "attempt.ledger_wait", "job_id": job_id, "delay_s": delay},
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
+def _attempt_row(
+    job_id: str,
+    seq: int,
+    tier: str,
+    backend: Any,
+    feature: str,
+    call: CallResult,
+    *,
+    cost: Decimal,
+    latency_ms: int,
+    started_at: dt.datetime,
+) -> dict[str, Any]:
+    usage = call.usage
+    return {
+        "id": attempt_id(job_id, seq),
+        "job_id": job_id,
+        "seq": seq,
+        "tier": tier,
+        "model": backend.model,
+        "provider": backend.provider,
+        "outcome": call.outcome,
+        "error": call.error or None,
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_read_tokens": usage.cache_read_tokens,
+        "cache_write_tokens": usage.cache_write_tokens,
+        "latency_ms": latency_ms,
+        "cost_usd": cost,
+        "mean_logprob": call.mean_logprob,
+        "finish_reason": call.finish_reason,
+        "feature": feature,
+        "started_at": started_at,
+    }
 
 
 def _decide(
@@ -318,6 +508,14 @@ def _follow(
 
 
 def _duration_ms(created_at: dt.datetime) -> int:
-    if created_at.tzinfo is None:  # SQLite hands back naive UTC
-        created_at = created_at.replace(tzinfo=dt.UTC)
-    return max(0, round((_now() - created_at).total_seconds() * 1000))
+    return _ms_since(created_at)
+
+
+def _ms_since(moment: dt.datetime) -> int:
+    if moment.tzinfo is None:  # SQLite hands back naive UTC
+        moment = moment.replace(tzinfo=dt.UTC)
+    return max(0, round((_now() - moment).total_seconds() * 1000))
+
+
+def _s(seconds: float) -> dt.timedelta:
+    return dt.timedelta(seconds=seconds)

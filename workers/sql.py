@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import and_, bindparam, case, func, insert, null, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
-from tierfleet.constants import TERMINAL_STATUSES, JobStatus
-from tierfleet.models import Attempt, Job
+from tierfleet.constants import TERMINAL_STATUSES, JobStatus, Outcome
+from tierfleet.models import Attempt, DeadLetter, Job
 
 _job = Job.__table__.c
 
@@ -55,16 +56,32 @@ RANGE_READ = (
     .with_for_update()
 )
 
-# Running on `p_tier`, in one statement: None when the job moved on (terminal, or on
-# another tier). A job already `running` is taken again: its last worker died mid-call.
+# Running on `p_tier` under a lease, in one statement: None when the job moved on
+# (terminal, on another tier, or running under a live lease). A `running` job whose lease
+# lapsed is taken over: its worker was lost mid-call. SET sees the row as it was, so
+# `lost_leased_at` comes back non-null exactly when this claim took a job over.
+_RUNNING = JobStatus.RUNNING
 CLAIM = (
     update(Job)
     .where(
         Job.id == _p("p_id"),
         Job.tier == _p("p_tier", _job.tier),
-        Job.status.in_([JobStatus.TRIAGED, JobStatus.RUNNING]),
+        or_(
+            Job.status == JobStatus.TRIAGED,
+            and_(
+                Job.status == _RUNNING,
+                or_(Job.lease_until.is_(None), Job.lease_until < _p("p_now", _job.lease_until)),
+            ),
+        ),
     )
-    .values(status=JobStatus.RUNNING)
+    .values(
+        status=_RUNNING,
+        attempt_count=Job.attempt_count + 1,
+        updated_at=_p("p_now", _job.updated_at),  # one clock for the lease and its staleness
+        leased_at=_p("p_now", _job.leased_at),
+        lease_until=_p("p_until", _job.lease_until),
+        lost_leased_at=case((Job.status == _RUNNING, Job.leased_at), else_=null()),
+    )
     .returning(
         Job.feature,
         Job.route,
@@ -73,10 +90,18 @@ CLAIM = (
         Job.attempt_count,
         Job.attempt_floor,
         Job.created_at,
+        Job.lost_leased_at,
     )
+)
+# A job whose `max_tokens` asks for a longer call than the claim's default lease.
+EXTEND_LEASE = (
+    update(Job)
+    .where(Job.id == _p("p_id"), Job.attempt_count == _p("p_seq", _job.attempt_count))
+    .values(lease_until=_p("p_until", _job.lease_until))
 )
 
 INSERT_ATTEMPT = insert(Attempt)
+INSERT_DEAD_LETTER = insert(DeadLetter)
 
 OUTCOME_COUNTS = (
     select(Attempt.outcome, func.count())
@@ -90,15 +115,18 @@ OUTCOME_COUNTS = (
 
 
 def _record(**changes: Any) -> Any:
-    """Book an attempt on the job (cost, count) and apply the decision's changes."""
+    """Book an attempt on the job and apply the decision, if the job is still running
+    under this attempt's lease (`attempt_count` is its seq). None back: the lease lapsed
+    and another worker has the job; this attempt is recorded, not applied."""
     return (
         update(Job)
-        .where(Job.id == _p("p_id"), Job.status.not_in(list(TERMINAL_STATUSES)))
-        .values(
-            cost_usd=Job.cost_usd + _p("p_cost", _job.cost_usd),
-            attempt_count=Job.attempt_count + 1,
-            **changes,
+        .where(
+            Job.id == _p("p_id"),
+            Job.status == _RUNNING,
+            Job.attempt_count == _p("p_seq", _job.attempt_count),
         )
+        .values(cost_usd=Job.cost_usd + _p("p_cost", _job.cost_usd), lease_until=None, **changes)
+        .returning(Job.id)
     )
 
 
@@ -113,3 +141,47 @@ RECORD_FAILED = _record(
 )
 RECORD_ESCALATED = _record(status=JobStatus.TRIAGED, tier=_p("p_tier", _job.tier))
 RECORD_RETRY = _record(status=JobStatus.TRIAGED)
+
+# The rare paths: an attempt that outlived its lease, a job given up on.
+ADD_COST = (
+    update(Job)
+    .where(Job.id == _p("p_id"))
+    .values(cost_usd=Job.cost_usd + _p("p_cost", _job.cost_usd))
+)
+COUNT_ABANDONED = select(func.count()).where(
+    Attempt.job_id == _p("p_id"),
+    Attempt.seq > _p("p_floor", Attempt.__table__.c.seq),
+    Attempt.outcome == Outcome.ABANDONED,
+)
+FAIL_UNFINISHED = (
+    update(Job)
+    .where(Job.id == _p("p_id"), Job.status.not_in(list(TERMINAL_STATUSES)))
+    .values(
+        status=JobStatus.FAILED,
+        error=_p("p_error", _job.error),
+        finished_at=func.now(),
+        lease_until=None,
+    )
+    .returning(Job.id, Job.feature, Job.tier, Job.created_at)
+)
+
+
+def insert_attempt_once(dialect: str) -> Any:
+    """INSERT an attempt unless its id is there (abandoned attempts: whoever of the lost
+    worker and its successor records it first)."""
+    ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return ins(Attempt).on_conflict_do_nothing(index_elements=["id"])
+
+
+def upsert_abandoned(dialect: str) -> Any:
+    """An attempt that finished after its lease lapsed: recorded as abandoned with what
+    its call really used (the successor may have recorded the row already, usage unknown)."""
+    ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = ins(Attempt)
+    usage = (
+        "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+        "latency_ms", "cost_usd", "mean_logprob", "finish_reason", "error",
+    )  # fmt: skip
+    return stmt.on_conflict_do_update(
+        index_elements=["id"], set_={name: stmt.excluded[name] for name in usage}
+    )

@@ -36,6 +36,11 @@ def test_compose_runs_one_worker_per_pool_and_migrates_first() -> None:
             assert svc["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert set(pools) == set(POOLS) - {"all"}
     assert services["migrate"]["command"] == ["db", "upgrade"]
+    beats = [name for name, svc in services.items() if svc.get("command") == ["beat"]]
+    assert beats == ["beat"]  # the reconciler's clock: exactly one
+    assert services["beat"]["depends_on"]["migrate"]["condition"] == (
+        "service_completed_successfully"
+    )
     redis_cmd = services["redis"]["command"]
     assert redis_cmd[redis_cmd.index("--maxmemory-policy") + 1] == "noeviction"
 

@@ -21,11 +21,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import anthropic
+from anthropic.types import Message
 
 from tierfleet.envelope import JobSpec
 from tierfleet.prices import Usage
 from workers.backends.base import Completion
-from workers.backends.faults import pooled_client, sdk_faults
+from workers.backends.faults import (
+    expect,
+    field,
+    malformed_fault,
+    pooled_client,
+    sdk_faults,
+    token_count,
+)
 
 PROVIDER = "anthropic"
 EPHEMERAL = {"type": "ephemeral"}
@@ -63,20 +71,34 @@ class AnthropicBackend:
         request = build_request(job, model=self.model, prompt_cache=self.prompt_cache)
         with sdk_faults(PROVIDER, anthropic, timeout_s):
             message = self._client.messages.create(**request, timeout=timeout_s)
-        usage = message.usage
-        return Completion(
-            text=_answer_text(message, wrapped=_needs_wrapping(job)),
-            usage=Usage(
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                cache_write_tokens=usage.cache_creation_input_tokens or 0,
-                cache_read_tokens=usage.cache_read_input_tokens or 0,
-            ),
-            finish_reason="length" if message.stop_reason == "max_tokens" else "stop",
-        )
+        return read_message(message, wrapped=_needs_wrapping(job))
 
     def close(self) -> None:
         self._client.close()
+
+
+def read_message(message: Any, *, wrapped: bool) -> Completion:
+    """The answer in a Messages API response. A body without one (no content, no usage, a
+    token count that is not one) is a malformed response, never billed."""
+    expect(PROVIDER, message, Message, "a message")
+    usage = Usage(
+        input_tokens=token_count(PROVIDER, message, "usage.input_tokens"),
+        output_tokens=token_count(PROVIDER, message, "usage.output_tokens"),
+        cache_write_tokens=token_count(
+            PROVIDER, message, "usage.cache_creation_input_tokens", required=False
+        ),
+        cache_read_tokens=token_count(
+            PROVIDER, message, "usage.cache_read_input_tokens", required=False
+        ),
+    )
+    content = field(PROVIDER, message, "content")
+    if not isinstance(content, list):
+        raise malformed_fault(PROVIDER, f"content is {type(content).__name__}, not a list")
+    return Completion(
+        text=_answer_text(content, wrapped=wrapped),
+        usage=usage,
+        finish_reason="length" if message.stop_reason == "max_tokens" else "stop",
+    )
 
 
 def build_request(job: JobSpec, *, model: str, prompt_cache: bool) -> dict[str, Any]:
@@ -121,11 +143,18 @@ def _needs_wrapping(job: JobSpec) -> bool:
     return schema is not None and schema.get("type", "object") != "object"
 
 
-def _answer_text(message: Any, *, wrapped: bool) -> str:
-    for block in message.content:
-        if block.type == "tool_use":
-            value = block.input
+def _answer_text(content: list[Any], *, wrapped: bool) -> str:
+    for block in content:
+        if getattr(block, "type", None) == "tool_use":
+            value = getattr(block, "input", None)
             if wrapped and isinstance(value, Mapping):
                 value = value.get(_WRAPPED)
             return json.dumps(value)
-    return "".join(block.text for block in message.content if block.type == "text")
+    texts: list[str] = []
+    for block in content:
+        if getattr(block, "type", None) == "text":
+            text = getattr(block, "text", None)
+            if not isinstance(text, str):
+                raise malformed_fault(PROVIDER, "a text block of the content has no text")
+            texts.append(text)
+    return "".join(texts)

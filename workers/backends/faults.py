@@ -4,6 +4,12 @@ The OpenAI and Anthropic SDKs share a shape (timeout, connection, and status err
 carry the HTTP response), so one mapping serves both. The SDKs' own retries are switched
 off (`max_retries=0`): the escalation policy is the one owner of retries, so that retry
 counts never multiply and every try leaves an attempt row.
+
+A 200 whose body is no usable answer (not JSON, or JSON without the fields every answer
+has) is a malformed response: transient, like a dropped connection, and never billed. The
+SDKs build response objects without validating them (a missing field reads as None, a body
+that is not JSON comes back as a str), so the backends read answers with `expect`,
+`field` and `token_count`, which raise that fault naming what was wrong.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import email.utils
+import json
 from collections.abc import Iterator, Mapping
 from types import ModuleType
 from typing import Any
@@ -78,6 +85,50 @@ def connection_fault(provider: str, exc: BaseException) -> ProviderUnavailable:
     return ProviderUnavailable(f"{provider} connection failed: {exc}")
 
 
+def malformed_fault(provider: str, detail: str) -> ProviderUnavailable:
+    """A response with no usable answer in it. There is no usage to bill, and the same
+    call may well work next time (a proxy or a restarting server cut the body short), so
+    it is retried like a dropped connection."""
+    return ProviderUnavailable(f"{provider} sent a malformed response: {detail}")
+
+
+def expect(provider: str, response: Any, kind: type, what: str) -> None:
+    """`response` must be the SDK's object for an answer (`what`, for the message)."""
+    if not isinstance(response, kind):
+        shown = repr(response[:120]) if isinstance(response, str) else type(response).__name__
+        raise malformed_fault(provider, f"expected {what}, got {shown}")
+
+
+def field(provider: str, response: Any, path: str) -> Any:
+    """The value at a dotted `path` of a response object ("usage.input_tokens",
+    "choices.0.message"); a step that is missing or null is a malformed response."""
+    value = response
+    for part in path.split("."):
+        if part.isdigit():
+            index = int(part)
+            value = value[index] if isinstance(value, list) and index < len(value) else None
+        else:
+            value = getattr(value, part, None)
+        if value is None:
+            raise malformed_fault(provider, f"no {path} in the response")
+    return value
+
+
+def token_count(provider: str, response: Any, path: str, *, required: bool = True) -> int:
+    """A token count of the response's usage: a non-negative integer. An optional one that
+    is absent counts 0; anything else is a malformed response (an answer must never be
+    priced from a count that is not one)."""
+    try:
+        value = field(provider, response, path)
+    except ProviderUnavailable:
+        if required:
+            raise
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise malformed_fault(provider, f"{path} is {value!r}, not a token count")
+    return value
+
+
 def pooled_client(max_connections: int) -> httpx2.Client:
     """An HTTP client that keeps a connection per worker thread alive."""
     limits = httpx2.Limits(
@@ -96,10 +147,14 @@ def sdk_faults(provider: str, sdk: ModuleType, timeout_s: float) -> Iterator[Non
         raise timeout_fault(provider, timeout_s) from None
     except sdk.APIConnectionError as exc:
         raise connection_fault(provider, exc) from None
+    except sdk.APIResponseValidationError as exc:  # with strict response validation only
+        raise malformed_fault(provider, str(exc.message)) from None
     except sdk.APIStatusError as exc:
         raise status_fault(
             provider, exc.status_code, error_message(exc), exc.response.headers
         ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # the SDK parsing a 200's body
+        raise malformed_fault(provider, f"the body is not JSON ({exc})") from None
 
 
 def error_message(exc: Any) -> str:

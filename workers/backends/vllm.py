@@ -13,12 +13,20 @@ from typing import Any
 
 import httpx2
 import openai
+from openai.types.chat import ChatCompletion
 from prometheus_client.parser import text_string_to_metric_families
 
 from tierfleet.envelope import JobSpec
 from tierfleet.prices import Usage
 from workers.backends.base import Completion
-from workers.backends.faults import pooled_client, sdk_faults
+from workers.backends.faults import (
+    expect,
+    field,
+    malformed_fault,
+    pooled_client,
+    sdk_faults,
+    token_count,
+)
 
 PROVIDER = "vllm"
 
@@ -61,21 +69,40 @@ class VLLMBackend:
                 timeout=timeout_s,
                 **_response_format(job),
             )
-        choice = response.choices[0]
-        usage = response.usage
-        tokens = choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
-        return Completion(
-            text=choice.message.content or "",
-            usage=Usage(
-                input_tokens=usage.prompt_tokens if usage else 0,
-                output_tokens=usage.completion_tokens if usage else 0,
-            ),
-            finish_reason=choice.finish_reason or "stop",
-            mean_logprob=sum(t.logprob for t in tokens) / len(tokens) if tokens else None,
-        )
+        return read_completion(response)
 
     def close(self) -> None:
         self._client.close()
+
+
+def read_completion(response: Any) -> Completion:
+    """The answer in a chat completion. A body without one (no choices, no message, a
+    count or logprob that is not a number) is a malformed response, never billed. A
+    completion without `usage` is an answer whose tokens are unknown: it costs 0."""
+    expect(PROVIDER, response, ChatCompletion, "a chat completion")
+    message = field(PROVIDER, response, "choices.0.message")
+    content = getattr(message, "content", None)
+    if content is not None and not isinstance(content, str):
+        raise malformed_fault(PROVIDER, f"choices.0.message.content is {type(content).__name__}")
+    choice = field(PROVIDER, response, "choices.0")
+    usage = Usage()
+    if response.usage is not None:
+        usage = Usage(
+            input_tokens=token_count(PROVIDER, response, "usage.prompt_tokens"),
+            output_tokens=token_count(PROVIDER, response, "usage.completion_tokens"),
+        )
+    values: list[float] = []
+    for token in getattr(getattr(choice, "logprobs", None), "content", None) or []:
+        value = getattr(token, "logprob", None)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise malformed_fault(PROVIDER, "choices.0.logprobs has a token without a logprob")
+        values.append(float(value))
+    return Completion(
+        text=content or "",
+        usage=usage,
+        finish_reason=str(getattr(choice, "finish_reason", None) or "stop"),
+        mean_logprob=sum(values) / len(values) if values else None,
+    )
 
 
 def _messages(job: JobSpec) -> list[dict[str, str]]:

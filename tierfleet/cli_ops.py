@@ -1,0 +1,115 @@
+"""Commands for the people who run the fleet: beat, the reconciler, dead letters."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tierfleet.cli_common import Exit, fail, load_settings
+from tierfleet.errors import ConfigurationError, ServiceUnavailable
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
+
+
+def beat_schedule_path() -> str:
+    """Beat keeps its last-run times in a file; one per process, under the temp dir."""
+    return os.path.join(tempfile.gettempdir(), f"tierfleet-beat-{os.getpid()}")
+
+
+def beat(loglevel: Annotated[str, typer.Option(envvar="TIERFLEET_LOG_LEVEL")] = "INFO") -> None:
+    """Run beat, the clock that sends the reconciler's runs (every
+    TIERFLEET_RECONCILE_INTERVAL_S). Run exactly one per fleet (or `worker --beat` once)."""
+    from tierfleet.logs import setup_logging
+    from workers.app import create_app
+
+    settings = load_settings()
+    setup_logging(loglevel)
+    try:
+        celery = create_app(settings)
+    except ConfigurationError as exc:
+        raise fail(str(exc), Exit.USAGE) from None
+    celery.start(["beat", "--schedule", beat_schedule_path(), "--loglevel", loglevel])
+
+
+def reconcile(as_json: JsonFlag = False) -> None:
+    """Re-drive stranded jobs now (one pass of what beat runs periodically): running
+    jobs whose lease lapsed, and queued or triaged jobs whose message was lost."""
+    from tierfleet.db import check_ledger
+    from workers.app import create_app
+    from workers.reconcile import reconcile as run
+    from workers.runtime import Runtime
+    from workers.tasks import send_attempt, send_triage
+
+    settings = load_settings()
+    try:
+        celery = create_app(settings)
+        rt = Runtime.build(settings, celery, tiers=())
+        check_ledger(rt.ledger)
+    except ConfigurationError as exc:
+        raise fail(str(exc), Exit.USAGE) from None
+    except ServiceUnavailable as exc:
+        raise fail(str(exc), Exit.UNAVAILABLE) from None
+    try:
+        counts = run(rt, send_triage, send_attempt)
+    finally:
+        rt.close()
+        celery.close()
+    if as_json:
+        print(json.dumps(counts))
+        return
+    for stage in ("running", "queued", "triaged"):
+        print(f"{stage}: {counts.get(stage, 0)} re-driven")
+
+
+def dead_letters(
+    limit: Annotated[int, typer.Option(min=1, help="How many, newest first.")] = 50,
+    as_json: JsonFlag = False,
+) -> None:
+    """List dead letters: messages given up on (undecodable, unknown task, failing every
+    time, or crashing their worker), with the error; `--json` adds tracebacks and bodies."""
+    from sqlalchemy import select
+
+    from tierfleet.db import Ledger, engine_from_settings
+    from tierfleet.models import DeadLetter
+
+    settings = load_settings()
+    try:
+        ledger = Ledger(engine_from_settings(settings))
+    except ConfigurationError as exc:
+        raise fail(str(exc), Exit.USAGE) from None
+    try:
+        with ledger.session() as s:
+            rows = s.scalars(select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)).all()
+            records = [
+                {
+                    "id": r.id,
+                    "created_at": r.created_at.isoformat(),
+                    "reason": r.reason,
+                    "task": r.task,
+                    "queue": r.queue,
+                    "job_id": r.job_id,
+                    "tries": r.tries,
+                    "error": r.error,
+                    "traceback": r.traceback,
+                    "body": r.body,
+                }
+                for r in rows
+            ]
+    finally:
+        ledger.engine.dispose()
+    if as_json:
+        print(json.dumps(records))
+        return
+    table = Table("id", "when", "reason", "task", "job", "tries", "error")
+    for r in records:
+        table.add_row(
+            str(r["id"]), str(r["created_at"])[:19], str(r["reason"]), str(r["task"] or ""),
+            str(r["job_id"] or ""), str(r["tries"]), str(r["error"])[:120],
+        )  # fmt: skip
+    Console().print(table)

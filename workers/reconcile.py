@@ -1,0 +1,181 @@
+"""The reconciler: Postgres is the system of record, so a job the queues forgot is found
+there and sent again.
+
+A job is stranded when its message is gone: Redis lost its data (a flush, a restart
+without persistence), a send failed after its commit, or its worker died mid-call. The
+reconciler, run by beat every `reconcile_interval_s`, re-drives:
+
+- `running` jobs whose lease lapsed: their worker was lost. The new attempt's claim takes
+  the job over and records the lost attempt as `abandoned`.
+- `queued` and `triaged` jobs untouched for `stale_after_s`, when the queue they wait on
+  has no message ready and no worker holds one for them (a deep backlog is not a loss).
+  Jobs of a bulk batch still being submitted are left to its `submit`.
+
+Each re-drive touches `updated_at`, so a job is sent again at most once per
+`stale_after_s`. Steps are idempotent, so a message that was only slow, not lost, does no
+harm when its copy arrives.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from sqlalchemy import and_, or_, select, update
+
+from tierfleet import constants as C
+from tierfleet.constants import JobStatus
+from tierfleet.models import Batch, Job
+from workers.runtime import Runtime
+
+log = logging.getLogger("tierfleet.reconcile")
+
+PER_STATEMENT = 1000  # jobs re-driven per statement; a pass repeats until none are left
+PER_PASS = 200_000
+_PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: `queue`, `queue\x06\x163`, ...
+_PRIORITY_STEPS = (3, 6, 9)
+
+
+@dataclass
+class Held:
+    """What the broker holds: ready messages per queue, and the jobs and batches of the
+    messages delivered to a worker but not yet acknowledged."""
+
+    ready: dict[str, int] = field(default_factory=dict)
+    job_ids: set[str] = field(default_factory=set)
+    batch_ids: set[str] = field(default_factory=set)
+
+
+def held(client: redis.Redis, queues: list[str]) -> Held:
+    out = Held()
+    with client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            pipe.llen(queue)
+            for step in _PRIORITY_STEPS:
+                pipe.llen(f"{queue}{_PRIORITY_SEP}{step}")
+        lengths = pipe.execute()
+    per = 1 + len(_PRIORITY_STEPS)
+    for i, queue in enumerate(queues):
+        out.ready[queue] = sum(lengths[i * per : (i + 1) * per])
+    for raw in client.hvals(C.REDIS_UNACKED):
+        task, args = _task_args(raw)
+        if task == C.TASK_TRIAGE_RANGE and args:
+            out.batch_ids.add(str(args[0]))
+        elif task in (C.TASK_TRIAGE, C.TASK_ATTEMPT) and args:
+            out.job_ids.add(str(args[0]))
+    return out
+
+
+def _task_args(raw: bytes | str) -> tuple[str | None, list[Any]]:
+    """The task name and args of a kombu message as stored in the unacked hash."""
+    try:
+        message = json.loads(raw)[0]
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return message.get("headers", {}).get("task"), list(args)
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None, []
+
+
+def reconcile(
+    rt: Runtime,
+    send_triage: Callable[[Runtime, list[str]], None],
+    send_attempt: Callable[[Runtime, list[tuple[str, str]]], None],
+) -> dict[str, int]:
+    """One pass. Returns how many jobs were re-driven, by the stage they were in."""
+    url = rt.settings.redis_url_value()
+    if url is None or not url.startswith(("redis://", "rediss://", "unix://")):
+        return {}  # the in-process broker loses nothing it is not told to
+    settings = rt.settings
+    now = dt.datetime.now(dt.UTC)
+    stale = now - dt.timedelta(seconds=settings.stale_after_s)
+    tiers = {tier: settings.queue_for(tier) for tier in rt.policy.ladder}
+    client = redis.Redis.from_url(url)
+    try:
+        broker = held(client, [settings.queue_triage, *tiers.values()])
+    finally:
+        client.close()
+
+    counts = {"running": 0, "queued": 0, "triaged": 0}
+    lapsed = and_(
+        Job.status == JobStatus.RUNNING,
+        Job.lease_until < now,
+        or_(Job.updated_at <= Job.lease_until, Job.updated_at < stale),
+    )
+    counts["running"] = _redrive(rt, lapsed, now, lambda rows: send_attempt(rt, rows))
+
+    if broker.ready.get(settings.queue_triage, 0) == 0:
+        submitted = select(Batch.enqueued_through).where(Batch.id == Job.batch_id)
+        queued = and_(
+            Job.status == JobStatus.QUEUED,
+            Job.updated_at < stale,
+            or_(Job.batch_id.is_(None), Job.line <= submitted.scalar_subquery()),
+            *_not_held(broker),
+            *([Job.batch_id.not_in(broker.batch_ids)] if broker.batch_ids else []),
+        )
+        counts["queued"] = _redrive(
+            rt, queued, now, lambda rows: send_triage(rt, [job_id for job_id, _ in rows])
+        )
+    for tier, queue in tiers.items():
+        if broker.ready.get(queue, 0):
+            continue
+        triaged = and_(
+            Job.status == JobStatus.TRIAGED,
+            Job.tier == tier,
+            Job.updated_at < stale,
+            *_not_held(broker),
+        )
+        counts["triaged"] += _redrive(rt, triaged, now, lambda rows: send_attempt(rt, rows))
+    for stage, n in counts.items():
+        if n:
+            rt.metrics.redriven(stage=stage, count=n)
+            log.warning(
+                "re-drove stranded jobs",
+                extra={"action": "reconcile.redrive", "stage": stage, "jobs": n},
+            )
+    return counts
+
+
+def _not_held(broker: Held) -> list[Any]:
+    return [Job.id.not_in(broker.job_ids)] if broker.job_ids else []
+
+
+def _redrive(
+    rt: Runtime,
+    where: Any,
+    now: dt.datetime,
+    send: Callable[[list[tuple[str, str]]], None],
+) -> int:
+    """Touch the matching jobs (skipping rows another reconciler holds) and, once that
+    has committed, send their messages. Repeats until none match."""
+    total = 0
+    while total < PER_PASS:
+        pick = (
+            select(Job.id)
+            .where(where)
+            .order_by(Job.updated_at)
+            .limit(PER_STATEMENT)
+            .with_for_update(skip_locked=True)
+        )
+        touch = (
+            update(Job)
+            .where(Job.id.in_(pick.scalar_subquery()))
+            .values(updated_at=now)
+            .returning(Job.id, Job.tier)
+        )
+        with rt.ledger.begin() as conn:
+            rows = [(row.id, row.tier) for row in conn.execute(touch)]
+        if rows:
+            send(rows)
+        total += len(rows)
+        if len(rows) < PER_STATEMENT:
+            return total
+    return total
