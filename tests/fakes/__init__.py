@@ -6,7 +6,7 @@
 
 `FakeVLLM` serves vLLM's OpenAI-compatible API (and `/metrics`); `FakeAnthropic` serves the
 Messages API. Both play scripted actions (`Answer`, `Invalid`, `Truncated`, `Error`, `Hang`,
-`Drop`) chosen by markers in the prompt, and record every request.
+`Drop`, `Malformed`) chosen by markers in the prompt, and record every request.
 """
 
 from tests.fakes.actions import (
@@ -16,6 +16,7 @@ from tests.fakes.actions import (
     Error,
     Hang,
     Invalid,
+    Malformed,
     Truncated,
     count_tokens,
     split_tokens,
@@ -35,6 +36,7 @@ __all__ = [
     "FakeVLLM",
     "Hang",
     "Invalid",
+    "Malformed",
     "RecordedRequest",
     "Truncated",
     "count_tokens",

@@ -24,6 +24,7 @@ __all__ = [
     "Error",
     "Hang",
     "Invalid",
+    "Malformed",
     "Output",
     "Truncated",
     "count_tokens",
@@ -94,7 +95,20 @@ class Drop:
     `APIConnectionError`, not `APITimeoutError`)."""
 
 
-Action: TypeAlias = Answer | Invalid | Truncated | Error | Hang | Drop
+@dataclass(frozen=True)
+class Malformed:
+    """HTTP 200 whose body is not a usable answer, as a proxy or a server that crashes
+    mid-write can send. By default: a valid answer's JSON cut off halfway. `text` sends
+    that text instead (as `content_type`: e.g. an HTML error page as "text/html"). `drop`
+    sends a whole answer, valid JSON, without the fields at these dotted paths
+    ("choices", "usage", "usage.input_tokens", "choices.0.message", "content", ...)."""
+
+    text: str | None = None
+    drop: tuple[str, ...] = ()
+    content_type: str = "application/json"
+
+
+Action: TypeAlias = Answer | Invalid | Truncated | Error | Hang | Drop | Malformed
 
 _WORDS = [
     "the",

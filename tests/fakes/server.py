@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from tests.fakes.actions import Action, Answer, Drop, Error, Hang, Invalid, Truncated
+from tests.fakes.actions import Action, Answer, Drop, Error, Hang, Invalid, Malformed, Truncated
 
 __all__ = ["FakeServer", "RecordedRequest"]
 
@@ -274,7 +274,24 @@ class FakeServer:
             delay = action.delay_s
         if delay > 0 and not await self._pause(request, delay):
             return await drop_connection(request)
+        if isinstance(action, Malformed):
+            return self.malformed(body, action)
         return self.answer(body, action)
+
+    def malformed(self, body: Mapping[str, Any], action: Malformed) -> Response:
+        """A 200 that is no usable answer (see `Malformed`), made from a normal answer."""
+        if action.text is not None:
+            content = action.text
+        else:
+            whole = bytes(self.answer(body, Answer()).body).decode()
+            if action.drop:
+                value = json.loads(whole)
+                for path in action.drop:
+                    _remove(value, path)
+                content = json.dumps(value)
+            else:
+                content = whole[: len(whole) // 2]
+        return Response(content, status_code=200, media_type=action.content_type)
 
     async def _pause(self, request: Request, seconds: float) -> bool:
         """Sleep `seconds`. False if the client left meanwhile or the server is stopping."""
@@ -282,6 +299,19 @@ class FakeServer:
         return await sleep_while_connected(
             request, seconds, until=stopping.wait() if stopping is not None else None
         )
+
+
+def _remove(value: Any, path: str) -> None:
+    """Delete the field at a dotted `path` ("usage.input_tokens", "choices.0.message")."""
+    *parents, last = path.split(".")
+    for part in parents:
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    if isinstance(value, list):
+        del value[int(last)]
+    elif last in value:
+        del value[last]
+    else:
+        raise KeyError(f"Malformed(drop=...): the answer has no field {path!r}")
 
 
 def _gone() -> Response:

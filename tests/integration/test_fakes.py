@@ -30,6 +30,7 @@ from tests.fakes import (
     FakeVLLM,
     Hang,
     Invalid,
+    Malformed,
     Truncated,
 )
 
@@ -283,6 +284,28 @@ def test_drop_is_a_connection_error(vllm: FakeVLLM, oai: openai.OpenAI) -> None:
     assert response.choices[0].message.content  # the client recovers; the script is used up
 
 
+def test_malformed_bodies_reach_the_sdk_as_they_are(vllm: FakeVLLM, oai: openai.OpenAI) -> None:
+    vllm.when("cut", Malformed())
+    vllm.when("html", Malformed(text="<html>502 Bad Gateway</html>", content_type="text/html"))
+    vllm.when("no choices", Malformed(drop=("choices",)))
+    vllm.when("no counts", Malformed(drop=("usage.prompt_tokens", "choices.0.message")))
+
+    with pytest.raises(json.JSONDecodeError):  # the SDK parses the body and gives up
+        oai.chat.completions.create(model=vllm.model, messages=user("cut"))
+    # not JSON and not said to be: the SDK hands back the text
+    page = oai.chat.completions.create(model=vllm.model, messages=user("html"))
+    assert page == "<html>502 Bad Gateway</html>"
+    # the SDK builds response objects without validating them: missing fields read as None
+    bare = oai.chat.completions.create(model=vllm.model, messages=user("no choices"))
+    assert bare.choices is None and bare.usage is not None
+    holes = oai.chat.completions.create(model=vllm.model, messages=user("no counts"))
+    assert holes.usage is not None and holes.usage.prompt_tokens is None
+    assert holes.choices[0].message is None
+    assert [type(r.action) for r in vllm.requests] == [Malformed] * 4
+    answered = oai.chat.completions.create(model=vllm.model, messages=user("cut"))
+    assert answered.choices[0].message.content  # the script is used up
+
+
 def test_metrics_count_requests_in_flight(vllm: FakeVLLM, oai: openai.OpenAI) -> None:
     def gauges() -> dict[str, float]:
         response = httpx2.get(vllm.metrics_url, timeout=5)
@@ -474,6 +497,21 @@ def test_overloaded_bad_request_and_rate_limit(
         claude.messages.create(model=CLAUDE, max_tokens=8, messages=user("limit"))
     assert limited.value.response.headers["retry-after"] == "7"
     assert limited.value.type == "rate_limit_error"
+
+
+def test_anthropic_malformed_bodies(
+    claude_fake: FakeAnthropic, claude: anthropic.Anthropic
+) -> None:
+    claude_fake.when("cut", Malformed())
+    claude_fake.when("no usage", Malformed(drop=("usage",)))
+    claude_fake.when("no input count", Malformed(drop=("usage.input_tokens",)))
+
+    with pytest.raises(json.JSONDecodeError):
+        claude.messages.create(model=CLAUDE, max_tokens=8, messages=user("cut"))
+    bare = claude.messages.create(model=CLAUDE, max_tokens=8, messages=user("no usage"))
+    assert bare.content and bare.usage is None
+    holes = claude.messages.create(model=CLAUDE, max_tokens=8, messages=user("no input count"))
+    assert holes.usage.input_tokens is None and holes.usage.output_tokens > 0
 
 
 def test_missing_api_key_and_fields(

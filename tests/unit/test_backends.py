@@ -1,11 +1,18 @@
-"""The real backends' pure parts: request building and fault mapping."""
+"""The real backends' pure parts: request building, fault mapping, reading answers."""
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import email.utils
+import json
+from typing import Any
 
+import anthropic
+import openai
 import pytest
+from anthropic.types import Message
+from openai.types.chat import ChatCompletion
 
 from tierfleet.envelope import parse_envelope
 from tierfleet.errors import (
@@ -15,9 +22,10 @@ from tierfleet.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from workers.backends.anthropic_api import build_request
-from workers.backends.faults import retry_after_s, status_fault
-from workers.backends.vllm import _messages, _response_format
+from tierfleet.prices import Usage
+from workers.backends.anthropic_api import build_request, read_message
+from workers.backends.faults import retry_after_s, sdk_faults, status_fault
+from workers.backends.vllm import _messages, _response_format, read_completion
 
 
 def test_retry_after_in_seconds_milliseconds_or_a_date() -> None:
@@ -111,3 +119,132 @@ def test_a_non_object_schema_is_wrapped_for_tool_use() -> None:
     request = build_request(job(output_schema=schema), model="m", prompt_cache=False)
     wrapped = request["tools"][0]["input_schema"]
     assert wrapped == {"type": "object", "properties": {"value": schema}, "required": ["value"]}
+
+
+# --- reading answers: the SDKs build response objects without validating them ---------------
+
+COMPLETION: dict[str, Any] = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 0,
+    "model": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "choices": [
+        {
+            "index": 0,
+            "finish_reason": "stop",
+            "message": {"role": "assistant", "content": '{"label": "positive"}'},
+            "logprobs": {
+                "content": [
+                    {"token": '{"la', "logprob": -0.5, "bytes": [], "top_logprobs": []},
+                    {"token": 'bel"', "logprob": -0.1, "bytes": [], "top_logprobs": []},
+                ]
+            },
+        }
+    ],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
+}
+MESSAGE: dict[str, Any] = {
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-sonnet-4-6",
+    "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "sentiment", "input": {"label": "mixed"}}
+    ],
+    "stop_reason": "tool_use",
+    "usage": {
+        "input_tokens": 20,
+        "output_tokens": 6,
+        "cache_creation_input_tokens": None,
+        "cache_read_input_tokens": 4,
+    },
+}
+GONE = object()
+
+
+def changed(body: dict[str, Any], path: str, value: object) -> dict[str, Any]:
+    """`body` with the field at a dotted path set to `value` (deleted for `GONE`)."""
+    out = copy.deepcopy(body)
+    *parents, last = path.split(".")
+    node: Any = out
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    key: Any = int(last) if isinstance(node, list) else last
+    if value is GONE:
+        del node[key]
+    else:
+        node[key] = value
+    return out
+
+
+def test_a_chat_completion_is_read_with_usage_and_mean_logprob() -> None:
+    completion = read_completion(ChatCompletion.construct(**COMPLETION))
+    assert completion.text == '{"label": "positive"}'
+    assert completion.usage == Usage(input_tokens=12, output_tokens=5)
+    assert completion.finish_reason == "stop"
+    assert completion.mean_logprob == pytest.approx(-0.3)
+    # an answer without usage is still an answer, its tokens unknown
+    bare = read_completion(ChatCompletion.construct(**changed(COMPLETION, "usage", GONE)))
+    assert bare.usage == Usage() and bare.text == '{"label": "positive"}'
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "named"),
+    [
+        ("choices", GONE, "no choices.0.message"),
+        ("choices", [], "no choices.0.message"),
+        ("choices.0.message", GONE, "no choices.0.message"),
+        ("choices.0.message.content", 42, "choices.0.message.content is int"),
+        ("usage.prompt_tokens", GONE, "no usage.prompt_tokens"),
+        ("usage.completion_tokens", "many", "usage.completion_tokens is 'many', not a token"),
+        ("choices.0.logprobs.content.1.logprob", None, "a token without a logprob"),
+    ],
+)
+def test_a_chat_completion_without_an_answer_is_malformed(
+    path: str, value: object, named: str
+) -> None:
+    response = ChatCompletion.construct(**changed(COMPLETION, path, value))
+    with pytest.raises(ProviderUnavailable) as caught:
+        read_completion(response)
+    assert str(caught.value).startswith("vllm sent a malformed response: ")
+    assert named in str(caught.value)
+
+
+def test_a_message_is_read_with_its_cache_counts() -> None:
+    completion = read_message(Message.construct(**MESSAGE), wrapped=False)
+    assert json.loads(completion.text) == {"label": "mixed"}
+    assert completion.usage == Usage(input_tokens=20, output_tokens=6, cache_read_tokens=4)
+    assert completion.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "named"),
+    [
+        ("usage", GONE, "no usage.input_tokens"),
+        ("usage.input_tokens", GONE, "no usage.input_tokens"),
+        ("usage.output_tokens", -1, "usage.output_tokens is -1, not a token count"),
+        ("usage.cache_read_input_tokens", 1.5, "usage.cache_read_input_tokens is 1.5"),
+        ("content", GONE, "no content"),
+        ("content", {"type": "text"}, "content is dict, not a list"),
+        ("content.0", {"type": "text", "text": None}, "a text block of the content has no text"),
+    ],
+)
+def test_a_message_without_an_answer_is_malformed(path: str, value: object, named: str) -> None:
+    message = Message.construct(**changed(MESSAGE, path, value))
+    with pytest.raises(ProviderUnavailable) as caught:
+        read_message(message, wrapped=False)
+    assert str(caught.value).startswith("anthropic sent a malformed response: ")
+    assert named in str(caught.value)
+
+
+def test_a_body_that_is_not_json_is_a_malformed_response() -> None:
+    with pytest.raises(
+        ProviderUnavailable, match="malformed response: expected a message, got '<h"
+    ):
+        read_message("<html>502 Bad Gateway</html>", wrapped=False)
+    for provider, sdk in (("vllm", openai), ("anthropic", anthropic)):
+        with (
+            pytest.raises(ProviderUnavailable, match=f"^{provider} sent a malformed response: the"),
+            sdk_faults(provider, sdk, 1.0),
+        ):
+            json.loads('{"id": "msg_1", "content": [')  # what the SDK does with a cut body
