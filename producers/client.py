@@ -48,7 +48,8 @@ class Client:
         return f"Client(database={self.ledger.dialect}, queue={self.settings.queue_triage!r})"
 
     def submit(self, envelope: Mapping[str, Any], *, batch_id: str | None = None) -> str:
-        """Enqueue one job and return its id. Raises `InvalidEnvelope` naming the field.
+        """Enqueue one job and return its id. Raises `InvalidEnvelope` naming the field,
+        or the size of a job over `tierfleet.envelope.MAX_ENVELOPE_BYTES` of JSON.
 
         Idempotent on `idempotency_key` (and on `id`): a resubmit returns the existing
         job's id and enqueues nothing new, unless that job never left `queued`, in which
@@ -57,8 +58,9 @@ class Client:
         return self.submit_spec(spec, batch_id=batch_id)
 
     def submit_spec(self, spec: JobSpec, *, batch_id: str | None = None) -> str:
+        payload = spec.payload_json()  # over MAX_ENVELOPE_BYTES: InvalidEnvelope, nothing sent
         with self.ledger.session() as s:
-            job_id, created = insert_job(s, spec, batch_id=batch_id)
+            job_id, created = insert_job(s, spec, batch_id=batch_id, payload_json=payload)
             still_queued = created or job_status(s, job_id) == C.JobStatus.QUEUED
         if still_queued:
             self.celery.send_task(C.TASK_TRIAGE, args=[job_id], queue=self.settings.queue_triage)

@@ -15,6 +15,8 @@ COLUMNS = (
 )  # fmt: skip
 _COLUMN_LIST = ", ".join(COLUMNS)
 _STAGE = "tierfleet_stage"
+_COPY_INTO_JOBS = f"COPY jobs ({_COLUMN_LIST}) FROM STDIN"
+_COPY_INTO_STAGE = f"COPY {_STAGE} ({_COLUMN_LIST}) FROM STDIN"
 
 
 def copy_text(value: str | None) -> str:
@@ -42,7 +44,7 @@ def copy_rows(conn: Any, rows: list[bytes], batch_id: str) -> tuple[int, list[tu
     driver = conn.connection.driver_connection
     try:
         with conn.begin_nested():
-            _copy(driver, f"jobs ({_COLUMN_LIST})", rows)
+            _copy(driver, rows, stage=False)
         return len(rows), []
     except psycopg.errors.UniqueViolation:
         pass
@@ -52,7 +54,7 @@ def copy_rows(conn: Any, rows: list[bytes], batch_id: str) -> tuple[int, list[tu
             "ON COMMIT DELETE ROWS"
         )
     )
-    _copy(driver, f"{_STAGE} ({_COLUMN_LIST})", rows)
+    _copy(driver, rows, stage=True)
     inserted = conn.execute(
         text(
             f"INSERT INTO jobs ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGE} "
@@ -70,6 +72,7 @@ def copy_rows(conn: Any, rows: list[bytes], batch_id: str) -> tuple[int, list[tu
     return int(inserted), [(int(line), str(job_id)) for line, job_id in refused]
 
 
-def _copy(driver: Any, target: str, rows: list[bytes]) -> None:
-    with driver.cursor() as cur, cur.copy(f"COPY {target} FROM STDIN") as copy:
+def _copy(driver: Any, rows: list[bytes], *, stage: bool) -> None:
+    statement = _COPY_INTO_STAGE if stage else _COPY_INTO_JOBS
+    with driver.cursor() as cur, cur.copy(statement) as copy:
         copy.write(b"".join(rows))

@@ -72,34 +72,34 @@ def _is_gzip(path: Path) -> bool:
 def read_lines(
     source: Input, max_line_bytes: int, digest: hashlib._Hash | None = None
 ) -> Iterator[RawLine]:
-    """Every line of `source`, numbered; `digest`, when given, is fed every byte read."""
+    """Every line of `source`, numbered; `digest`, when given, is fed every byte read.
+    A line ends at "\\n"; a "\\r" before it (or at the very end) is not part of it, nor
+    of its size, so a CRLF file has the same limit as an LF one."""
     with source.open() as f:
         no = 0
-        pending = f.readline(max_line_bytes + 1)
+        # Room for "\\r\\n" after the limit: a line just at it is read whole.
+        pending = f.readline(max_line_bytes + 2)
         while pending:
             no += 1
-            line, oversized = pending, False
-            if len(line) > max_line_bytes and not line.endswith(b"\n"):
-                oversized = True
-                size = len(line)
-                if digest is not None:
-                    digest.update(line)
-                while line and not line.endswith(b"\n"):  # skip the rest in pieces
-                    line = f.readline(_PIECE)
-                    size += len(line)
-                    if digest is not None:
-                        digest.update(line)
+            line = pending
+            if digest is not None:
+                digest.update(line)
+            if line.endswith(b"\n") or len(line) <= max_line_bytes + 1:
+                # whole: a read stops short of its limit only at a newline or at the end
                 newline = line.endswith(b"\n")
-                size -= int(newline)
-                data = b""
-            else:
-                if digest is not None:
-                    digest.update(line)
-                newline = line.endswith(b"\n")
-                data = line[:-1] if newline else line
-                if data.endswith(b"\r"):
-                    data = data[:-1]
+                data = (line[:-1] if newline else line).removesuffix(b"\r")
                 size = len(data)
                 oversized = size > max_line_bytes
-            pending = f.readline(max_line_bytes + 1)
+            else:  # over the limit: skip the rest in pieces, never holding it whole
+                size, tail = len(line), line[-2:]
+                while line and not line.endswith(b"\n"):
+                    line = f.readline(_PIECE)
+                    size += len(line)
+                    tail = (tail + line)[-2:]
+                    if digest is not None:
+                        digest.update(line)
+                newline = tail.endswith(b"\n")
+                size -= int(newline) + int((tail[:-1] if newline else tail).endswith(b"\r"))
+                data, oversized = b"", True
+            pending = f.readline(max_line_bytes + 2)
             yield RawLine(no, b"" if oversized else data, size, not pending, newline, oversized)

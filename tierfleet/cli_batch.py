@@ -29,31 +29,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from tierfleet.cli_common import Exit, err, fail, load_settings
-from tierfleet.db import Ledger, engine_from_settings
-from tierfleet.errors import InvalidEnvelope, JobNotFound, ServiceUnavailable, TierfleetError
-from tierfleet.settings import Settings
+from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger
+from tierfleet.db import Ledger
+from tierfleet.errors import InvalidEnvelope, TierfleetError
 
 SHOWN_ERRORS = 20
 _BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,39}")  # + "." + line fits a job id
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
-
-
-@contextlib.contextmanager
-def _ledger(settings: Settings) -> Iterator[Ledger]:
-    try:
-        ledger = Ledger(engine_from_settings(settings))
-    except TierfleetError as exc:
-        raise fail(str(exc), Exit.USAGE) from None
-    try:
-        yield ledger
-    except JobNotFound as exc:
-        raise fail(str(exc), Exit.NOT_FOUND) from None
-    except ServiceUnavailable as exc:
-        raise fail(str(exc), Exit.UNAVAILABLE) from None
-    finally:
-        ledger.engine.dispose()
 
 
 def _dump(data: Any) -> None:
@@ -159,7 +142,7 @@ def submit(
             raise fail(str(exc), Exit.USAGE) from None
         rejects_path = rejects or Path(f"{'stdin' if file == '-' else file}.rejects.jsonl")
         rejected = stack.enter_context(_rejects_file(rejects_path if skip_invalid else None))
-        ledger = stack.enter_context(_ledger(settings))
+        ledger = stack.enter_context(open_ledger(settings))
         celery = make_celery(settings)
         stack.callback(celery.close)
         console = Console(stderr=True)
@@ -292,7 +275,7 @@ def status(
     """Counts by status and tier, escalation rate, spend, throughput and ETA of a batch."""
     from producers.batches import status as batch_status
 
-    with _ledger(load_settings()) as ledger:
+    with open_ledger(load_settings()) as ledger:
         current = (
             _follow(ledger, batch_id, quiet=as_json) if watch else batch_status(ledger, batch_id)
         )
@@ -313,7 +296,7 @@ def results(
     cost, attempts, error. (Always JSON; --json is accepted for uniformity.)"""
     from producers.batches import results as batch_results
 
-    with _ledger(load_settings()) as ledger, _open_out(output) as out:
+    with open_ledger(load_settings()) as ledger, _open_out(output) as out:
         n = 0
         for record in batch_results(ledger, batch_id):
             out.write(json.dumps(record, default=str) + "\n")
@@ -335,7 +318,7 @@ def cancel(batch_id: str, as_json: JsonFlag = False) -> None:
     """Cancel the batch's unstarted jobs (queued, triaged); running ones finish."""
     from producers.batches import cancel as batch_cancel
 
-    with _ledger(load_settings()) as ledger:
+    with open_ledger(load_settings()) as ledger:
         n = batch_cancel(ledger, batch_id)
     if as_json:
         _dump({"batch_id": batch_id, "cancelled": n})
@@ -357,7 +340,7 @@ def retry(
     if not failed:
         raise fail("say what to retry: --failed", Exit.USAGE)
     settings = load_settings()
-    with _ledger(settings) as ledger:
+    with open_ledger(settings) as ledger:
         celery = make_celery(settings)
         try:
             n = retry_failed(ledger, celery, settings.queue_triage, batch_id)

@@ -1,15 +1,20 @@
-"""What every `tierfleet` command shares: exit codes, the error console, settings."""
+"""What every `tierfleet` command shares: exit codes, the error console, settings, and
+how a service that does not answer ends a command."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from collections.abc import Iterator
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from tierfleet.settings import Settings, env_names
+from tierfleet.db import Ledger, engine_from_settings
+from tierfleet.errors import JobNotFound, ServiceUnavailable, TierfleetError
+from tierfleet.settings import Settings, env_names, redact_url
 
 
 class Exit(enum.IntEnum):
@@ -39,3 +44,43 @@ def load_settings(**overrides: object) -> Settings:
 def fail(message: str, code: Exit) -> typer.Exit:
     err.print(f"[red]error:[/] {escape(message)}")
     return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def service_errors(settings: Settings) -> Iterator[None]:
+    """Postgres or Redis not answering ends the command with exit 3 and one line that
+    names the service (its URL without the password), not a driver's traceback."""
+    from kombu.exceptions import OperationalError as BrokerError
+    from sqlalchemy.exc import OperationalError as LedgerError
+
+    try:
+        yield
+    except LedgerError as exc:
+        where = _at(settings.database_url_value())
+        raise fail(f"cannot reach the ledger{where}: {exc.orig}", Exit.UNAVAILABLE) from None
+    except BrokerError as exc:
+        where = _at(settings.redis_url_value())
+        raise fail(f"cannot reach the broker{where}: {exc}", Exit.UNAVAILABLE) from None
+    except ServiceUnavailable as exc:
+        raise fail(str(exc), Exit.UNAVAILABLE) from None
+
+
+def _at(url: str | None) -> str:
+    return f" at {redact_url(url)}" if url else ""
+
+
+@contextlib.contextmanager
+def open_ledger(settings: Settings) -> Iterator[Ledger]:
+    """The ledger for one command: a bad DATABASE_URL is exit 2, an unknown job or batch
+    exit 4, a database or broker that does not answer exit 3."""
+    try:
+        ledger = Ledger(engine_from_settings(settings))
+    except TierfleetError as exc:
+        raise fail(str(exc), Exit.USAGE) from None
+    try:
+        with service_errors(settings):
+            yield ledger
+    except JobNotFound as exc:
+        raise fail(str(exc), Exit.NOT_FOUND) from None
+    finally:
+        ledger.engine.dispose()

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tierfleet.errors import ConfigurationError, ServiceUnavailable
@@ -40,7 +40,16 @@ def engine_from_settings(settings: Settings, **kwargs: Any) -> Engine:
         raise ConfigurationError(
             "DATABASE_URL is not set; e.g. postgresql://postgres@127.0.0.1:5432/tierfleet"
         )
-    return make_engine(url, **kwargs)
+    # A URL that does not parse is never quoted back, not even redacted: where parsing
+    # failed, nothing says which part of it is the password.
+    try:
+        return make_engine(url, **kwargs)
+    except (NoSuchModuleError, ImportError) as exc:
+        raise ConfigurationError(f"DATABASE_URL names a database without a driver: {exc}") from None
+    except (ArgumentError, ValueError):
+        raise ConfigurationError(
+            "DATABASE_URL is not a database URL; e.g. postgresql://user:password@host:5432/db"
+        ) from None
 
 
 class Ledger:

@@ -7,8 +7,10 @@ naming the field, before anything is written anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from typing import Any
 
 import fastjsonschema
 import jsonschema
+import orjson
 from jsonschema.exceptions import SchemaError, ValidationError, best_match
 
 from tierfleet import constants as C
@@ -24,6 +27,7 @@ from tierfleet.errors import InvalidEnvelope
 from tierfleet.resources import schemas_dir
 
 MAX_ENVELOPE_BYTES = 1_000_000
+DEFAULT_MAX_TOKENS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +40,7 @@ class JobSpec:
     system: str | None = None
     output_schema: Mapping[str, Any] | None = None
     output_schema_name: str | None = None
-    max_tokens: int = 512
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
     route: str = C.ROUTE_AUTO
     latency: str = "interactive"
@@ -57,6 +61,17 @@ class JobSpec:
             "temperature": self.temperature,
             "metadata": dict(self.metadata),
         }
+
+    def payload_json(self, limit: int = MAX_ENVELOPE_BYTES) -> bytes:
+        """`payload()` as the JSON the ledger stores (orjson, as `models.JSONText` writes
+        it), serialised once to be measured and then stored as is. Raises
+        `InvalidEnvelope` naming the size when it is over `limit` bytes."""
+        blob = orjson.dumps(self.payload())
+        if len(blob) > limit:
+            raise InvalidEnvelope(
+                f"the job is {len(blob):,} bytes as JSON, over the {limit:,}-byte limit"
+            )
+        return blob
 
     @classmethod
     def from_row(
@@ -168,7 +183,11 @@ def check_output_schema(schema: Any, field_name: str = "output_schema") -> None:
     if not isinstance(schema, Mapping):
         raise InvalidEnvelope("must be a JSON Schema object", field=field_name)
     try:
-        _check_schema_text(json.dumps(schema, sort_keys=True))
+        text = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidEnvelope(f"cannot be stored as JSON: {exc}", field=field_name) from None
+    try:
+        _check_schema_text(text)
     except SchemaError as exc:
         where = ".".join(str(p) for p in exc.absolute_path)
         raise InvalidEnvelope(
@@ -178,9 +197,47 @@ def check_output_schema(schema: Any, field_name: str = "output_schema") -> None:
 
 
 @functools.lru_cache(maxsize=1024)
-def _check_schema_text(text: str) -> None:
-    schema = json.loads(text)
-    jsonschema.validators.validator_for(schema).check_schema(schema)
+def _check_schema_text(text: bytes) -> None:
+    schema = orjson.loads(text)
+    cls = _declared_draft(schema)
+    try:
+        cls.check_schema(schema)
+    except OverflowError as exc:  # `re` on a pattern such as "a{9999999999}"
+        raise SchemaError(f"a pattern in it cannot be compiled: {exc}") from None
+    except RecursionError:  # regex groups, or subschemas, nested thousands deep
+        raise SchemaError("it nests too deeply to be checked") from None
+
+
+def _declared_draft(schema: Any) -> Any:
+    """The validator class for the draft `schema` declares (the latest when it declares
+    none). A `$schema` that names no draft jsonschema knows is an error here: jsonschema
+    would only warn, and check the schema against a draft it was not written for."""
+    if not isinstance(schema, dict) or "$schema" not in schema:
+        return jsonschema.validators.validator_for(schema)
+    declared = schema["$schema"]
+    cls = None
+    if isinstance(declared, str):
+        with contextlib.suppress(ValueError):  # ValueError: not even a URI, e.g. "http://["
+            cls = jsonschema.validators.validator_for(schema, default=None)
+    if cls is None:
+        raise SchemaError(f"$schema {declared!r} names no JSON Schema draft", path=["$schema"])
+    return cls
+
+
+def _check_storable(data: Mapping[str, Any]) -> None:
+    """The ledger stores a job as orjson writes it (`jobs.payload`): refuse, naming the
+    field, what it cannot write although the schema allows it: an integer beyond 64 bits,
+    a lone surrogate (`"\\ud800"` read by a lenient parser), nesting over 254 deep."""
+    try:
+        orjson.dumps(data)
+    except orjson.JSONEncodeError as exc:
+        for key, value in data.items():
+            try:
+                orjson.dumps({key: value})  # nested as deep as in the payload
+            except orjson.JSONEncodeError as inner:
+                message = f"cannot be stored as JSON: {inner}"
+                raise InvalidEnvelope(message, field=str(key)) from None
+        raise InvalidEnvelope(f"cannot be stored as JSON: {exc}") from None
 
 
 def parse_envelope(
@@ -200,6 +257,10 @@ def parse_envelope(
         if error is not None:
             message, where = _describe(error)
             raise InvalidEnvelope(message, field=where) from None
+    _check_storable(data)
+    temperature = float(data.get("temperature", 0.0))
+    if not math.isfinite(temperature):  # NaN passes `minimum` and `maximum` both
+        raise InvalidEnvelope("must be a finite number", field="temperature")
 
     route = data.get("route", C.ROUTE_AUTO)
     if route != C.ROUTE_AUTO and route not in tiers:
@@ -231,8 +292,8 @@ def parse_envelope(
         system=data.get("system"),
         output_schema=output_schema,
         output_schema_name=schema_name,
-        max_tokens=data.get("max_tokens", 512),
-        temperature=float(data.get("temperature", 0.0)),
+        max_tokens=int(data.get("max_tokens", DEFAULT_MAX_TOKENS)),  # 2.0 is an integer too
+        temperature=temperature,
         route=route,
         latency=data.get("latency", "interactive"),
         idempotency_key=data.get("idempotency_key"),

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
+import orjson
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from tierfleet import constants as C
@@ -81,8 +82,8 @@ def decode(
     reference parser (invalid, or in a corner the decoder is stricter about)."""
     try:
         env = _decoder().decode(line)
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
-        raise NotFast from None
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        raise NotFast from None  # (RecursionError: arrays or objects nested thousands deep)
     for value in (env.id, env.idempotency_key, env.feature, env.route):
         if isinstance(value, str) and _CONTROL.search(value):
             raise NotFast  # the schema forbids control characters in identifiers
@@ -99,6 +100,16 @@ def decode(
             raise NotFast
     else:
         messages = ({"role": "user", "content": env.prompt},)
+    free_form = {  # nested as in the envelope, and in the payload the ledger stores
+        name: value
+        for name, value in (("metadata", env.metadata), ("output_schema", env.output_schema))
+        if isinstance(value, dict)
+    }
+    if free_form:
+        try:  # what the ledger's orjson cannot write: integers over 64 bits, 255 levels deep
+            orjson.dumps(free_form)
+        except orjson.JSONEncodeError:
+            raise NotFast from None
     schema: Mapping[str, Any] | None = None
     schema_name: str | None = None
     try:

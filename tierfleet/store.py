@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from sqlalchemy import or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -16,9 +17,18 @@ from tierfleet.errors import JobNotFound
 from tierfleet.models import Attempt, Job
 
 
-def insert_job(session: Session, spec: JobSpec, *, batch_id: str | None = None) -> tuple[str, bool]:
+def insert_job(
+    session: Session,
+    spec: JobSpec,
+    *,
+    batch_id: str | None = None,
+    payload_json: bytes | None = None,
+) -> tuple[str, bool]:
     """Insert `spec` as a queued job. Returns (job id, created); a job that already exists
-    with the same idempotency key (or id) is returned with created=False."""
+    with the same idempotency key (or id) is returned with created=False. `payload_json`
+    is `spec.payload_json()` when the caller has it already: stored as is, not
+    serialised again."""
+    payload = spec.payload() if payload_json is None else orjson.Fragment(payload_json)
     values = {
         "id": spec.id,
         "idempotency_key": spec.idempotency_key,
@@ -27,7 +37,7 @@ def insert_job(session: Session, spec: JobSpec, *, batch_id: str | None = None) 
         "status": JobStatus.QUEUED,
         "route": spec.route,
         "latency": spec.latency,
-        "payload": spec.payload(),
+        "payload": payload,
         "cost_usd": Decimal(0),
         "attempt_count": 0,
     }

@@ -11,9 +11,20 @@ from celery import Celery
 from kombu.entity import Queue
 
 from tierfleet.errors import ConfigurationError
-from tierfleet.settings import Settings
+from tierfleet.settings import Settings, redact_url
 
 IN_PROCESS_BROKER = "memory://localhost/"
+
+
+class BrokerURL(str):
+    """The broker URL as Celery's configuration holds it: the URL itself to whatever
+    connects with it, `redis://:***@host` to `repr()`, so that printing the app's `conf`
+    (a mapping of reprs) never shows the Redis password."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(redact_url(str(self)))
 
 
 def make_celery(settings: Settings, *, broker_url: str | None = None) -> Celery:
@@ -32,7 +43,7 @@ def all_queues(settings: Settings) -> list[str]:
 
 def _conf(settings: Settings, broker_url: str) -> dict[str, Any]:
     return {
-        "broker_url": broker_url,
+        "broker_url": BrokerURL(broker_url),
         "broker_connection_retry_on_startup": True,
         # Longer than the longest call plus its retries: a message is redelivered
         # only when its worker really died.
