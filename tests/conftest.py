@@ -63,7 +63,7 @@ def database_url(pg_database: str) -> Iterator[str]:
     """The session database, emptied before each test."""
     engine = make_engine(pg_database)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE attempts, jobs, batches CASCADE"))
+        conn.execute(text("TRUNCATE attempts, jobs, batches, dead_letters CASCADE"))
     engine.dispose()
     yield pg_database
 

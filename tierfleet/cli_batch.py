@@ -82,7 +82,8 @@ def submit(
         str | None,
         typer.Option(
             envvar="TIERFLEET_BATCH_SPEND_CAP_USD",
-            help="Spend cap for the batch, USD (recorded with the batch).",
+            help="Spend cap for the batch, USD: once its calls have cost this much, no new call "
+            "starts and its unstarted jobs end cancelled.",
         ),
     ] = None,
     batch_id: Annotated[
@@ -243,7 +244,7 @@ def _status_table(s: Any) -> Table:
     for tier, count in sorted(s.by_tier.items()):
         table.add_row(f"tier {tier}", f"{count:,}")
     table.add_row("escalated", f"{s.escalated:,} ({s.escalation_rate:.1%})", end_section=True)
-    cap = f" of {s.spend_cap_usd:.2f}" if s.spend_cap_usd is not None else ""
+    cap = f" of {s.spend_cap_usd:.4f} cap" if s.spend_cap_usd is not None else ""
     table.add_row("spend USD", f"{s.spend_usd:.4f}{cap}")
     table.add_row("throughput", f"{s.jobs_per_s:,.1f} jobs/s")
     eta = "—" if s.eta_s is None else f"{s.eta_s:,.0f} s"

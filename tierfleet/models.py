@@ -98,7 +98,11 @@ class Batch(Base):
     rejected: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     written_through: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     enqueued_through: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # A batch with a spend cap keeps its running spend here (workers add each attempt's
+    # cost in the transaction that books it), and no new call starts once it reaches the
+    # cap. Batches without a cap leave it at 0: their spend is the sum of their jobs'.
     spend_cap_usd: Mapped[Decimal | None] = mapped_column(USD)
+    spent_usd: Mapped[Decimal] = mapped_column(USD, default=Decimal(0), server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
     cancelled_at: Mapped[dt.datetime | None] = mapped_column(_now())
 

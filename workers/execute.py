@@ -163,6 +163,7 @@ class _Claimed:
     seq: int  # this attempt's; the job's `attempt_count` while it holds the lease
     floor: int  # attempts up to this seq belong to an earlier run (see `tierfleet retry`)
     created_at: dt.datetime
+    capped_batch: str | None = None  # its batch, when that has a spend cap to keep
 
 
 def _claim(rt: Runtime, job_id: str, tier: str) -> _Claimed | None:
@@ -176,12 +177,14 @@ def _claim(rt: Runtime, job_id: str, tier: str) -> _Claimed | None:
             {"p_id": job_id, "p_tier": tier, "p_now": now, "p_until": now + _s(lease_s)},
         ).one_or_none()
         if row is None:
+            _stop_over_cap(rt, conn, job_id, tier)
             return None
         spec = JobSpec.from_row(
             id=job_id, feature=row.feature, route=row.route, latency=row.latency,
             payload=row.payload,
         )  # fmt: skip
-        claimed = _Claimed(spec, row.attempt_count, row.attempt_floor, row.created_at)
+        capped = row.batch_id if row.spend_cap_usd is not None else None
+        claimed = _Claimed(spec, row.attempt_count, row.attempt_floor, row.created_at, capped)
         need_s = _timeout_s(rt, tier, spec.max_tokens) + rt.settings.lease_grace_s
         if need_s > lease_s:
             conn.execute(
@@ -193,6 +196,37 @@ def _claim(rt: Runtime, job_id: str, tier: str) -> _Claimed | None:
         ):
             return None
     return claimed
+
+
+def _stop_over_cap(rt: Runtime, conn: Connection, job_id: str, tier: str) -> None:
+    """A claim found nothing to run. When that is because the job's batch has spent its
+    cap, the job is cancelled with the reason, instead of waiting for a call that never
+    comes. (Otherwise the job moved on, and the message was a duplicate.)"""
+    spend = conn.execute(sql.BATCH_SPEND_OF_JOB, {"p_id": job_id}).first()
+    if spend is None or spend.spent_usd < spend.spend_cap_usd:
+        return
+    error = (
+        f"cancelled: its batch reached its spend cap (spent ${_usd(spend.spent_usd)} of "
+        f"${_usd(spend.spend_cap_usd)}); no new call starts"
+    )
+    stopped = conn.execute(
+        sql.CANCEL_OVER_CAP, {"p_id": job_id, "p_tier": tier, "p_error": error}
+    ).first()
+    if stopped is not None:
+        rt.metrics.job_finished(
+            tier=tier, feature=stopped.feature, status=JobStatus.CANCELLED.value,
+            duration_ms=_duration_ms(stopped.created_at),
+        )  # fmt: skip
+        log.info(
+            "batch spend cap reached; job cancelled",
+            extra={"action": "attempt.over_cap", "job_id": job_id, "tier": tier},
+        )
+
+
+def _usd(amount: Decimal) -> str:
+    """Dollars to the cent, and to the last significant digit below it: `2.00`, `0.0013`."""
+    whole, _, cents = f"{amount:.8f}".rstrip("0").partition(".")
+    return f"{whole}.{cents.ljust(2, '0')}"
 
 
 def _take_over(
@@ -386,15 +420,20 @@ def _book(
         ).first()
         if applied is not None:
             conn.execute(sql.INSERT_ATTEMPT, row)
-            return decision
-        fenced = {
-            **row,
-            "outcome": Outcome.ABANDONED,
-            "error": f"answered ({call.outcome.value}) after its lease lapsed; not applied",
-        }
-        conn.execute(sql.upsert_abandoned(conn.dialect.name), fenced)
-        conn.execute(sql.ADD_COST, {"p_id": job_id, "p_cost": row["cost_usd"]})
-        return None
+        else:
+            fenced = {
+                **row,
+                "outcome": Outcome.ABANDONED,
+                "error": f"answered ({call.outcome.value}) after its lease lapsed; not applied",
+            }
+            conn.execute(sql.upsert_abandoned(conn.dialect.name), fenced)
+            conn.execute(sql.ADD_COST, {"p_id": job_id, "p_cost": row["cost_usd"]})
+        if claimed.capped_batch is not None and row["cost_usd"]:
+            # last, so that the batch's row stays locked for the commit alone
+            conn.execute(
+                sql.ADD_BATCH_SPEND, {"p_batch": claimed.capped_batch, "p_cost": row["cost_usd"]}
+            )
+        return decision if applied is not None else None
 
 
 def _with_ledger_retry(rt: Runtime, job_id: str, write: Callable[[], _T]) -> _T:

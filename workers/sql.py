@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, func, insert, null, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, insert, not_, null, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from tierfleet.constants import TERMINAL_STATUSES, JobStatus, Outcome
-from tierfleet.models import Attempt, DeadLetter, Job
+from tierfleet.models import Attempt, Batch, DeadLetter, Job
 
 _job = Job.__table__.c
+_batch = Batch.__table__.c
 
 
 def _p(name: str, column: Any = None) -> Any:
@@ -56,10 +57,22 @@ RANGE_READ = (
     .with_for_update()
 )
 
+# The job's batch has a spend cap and has reached it: no new call starts.
+_CAP_REACHED = (
+    select(_batch.id)
+    .where(
+        _batch.id == Job.batch_id,
+        _batch.spend_cap_usd.is_not(None),
+        _batch.spent_usd >= _batch.spend_cap_usd,
+    )
+    .exists()
+)
+
 # Running on `p_tier` under a lease, in one statement: None when the job moved on
-# (terminal, on another tier, or running under a live lease). A `running` job whose lease
-# lapsed is taken over: its worker was lost mid-call. SET sees the row as it was, so
-# `lost_leased_at` comes back non-null exactly when this claim took a job over.
+# (terminal, on another tier, or running under a live lease), or when its batch reached
+# its spend cap. A `running` job whose lease lapsed is taken over: its worker was lost
+# mid-call. SET sees the row as it was, so `lost_leased_at` comes back non-null exactly
+# when this claim took a job over.
 _RUNNING = JobStatus.RUNNING
 CLAIM = (
     update(Job)
@@ -67,7 +80,7 @@ CLAIM = (
         Job.id == _p("p_id"),
         Job.tier == _p("p_tier", _job.tier),
         or_(
-            Job.status == JobStatus.TRIAGED,
+            and_(Job.status == JobStatus.TRIAGED, not_(_CAP_REACHED)),
             and_(
                 Job.status == _RUNNING,
                 or_(Job.lease_until.is_(None), Job.lease_until < _p("p_now", _job.lease_until)),
@@ -91,7 +104,34 @@ CLAIM = (
         Job.attempt_floor,
         Job.created_at,
         Job.lost_leased_at,
+        Job.batch_id,
+        select(_batch.spend_cap_usd)
+        .where(_batch.id == Job.batch_id)
+        .scalar_subquery()
+        .label("spend_cap_usd"),
     )
+)
+# A capped batch's running spend, added to in the transaction that books each attempt.
+ADD_BATCH_SPEND = (
+    update(Batch)
+    .where(Batch.id == _p("p_batch", _batch.id))
+    .values(spent_usd=Batch.spent_usd + _p("p_cost", _batch.spent_usd))
+)
+# The rare path of a claim that found nothing to run: was it the batch's spend cap?
+BATCH_SPEND_OF_JOB = select(_batch.spend_cap_usd, _batch.spent_usd).where(
+    _batch.id == select(Job.batch_id).where(Job.id == _p("p_id")).scalar_subquery(),
+    _batch.spend_cap_usd.is_not(None),
+)
+CANCEL_OVER_CAP = (
+    update(Job)
+    .where(
+        Job.id == _p("p_id"),
+        Job.tier == _p("p_tier", _job.tier),
+        Job.status == JobStatus.TRIAGED,
+        _CAP_REACHED,
+    )
+    .values(status=JobStatus.CANCELLED, error=_p("p_error", _job.error), finished_at=func.now())
+    .returning(Job.feature, Job.created_at)
 )
 # A job whose `max_tokens` asks for a longer call than the claim's default lease.
 EXTEND_LEASE = (

@@ -153,7 +153,7 @@ def fleet(
         pytest.skip(message)
     engine = make_engine(pg_database)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE attempts, jobs, batches CASCADE"))
+        conn.execute(text("TRUNCATE attempts, jobs, batches, dead_letters CASCADE"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERFLEET_", "DD_"))}
     env.update(
         REDIS_URL=REDIS_URL,
