@@ -176,7 +176,9 @@ def submit(
         if wait:
             final = _follow(ledger, report.batch_id, quiet=as_json)
             summary["status"] = final.to_dict()
-            failed = bool(final.by_status.get("failed"))
+            # not all the work was done: jobs failed, or were cancelled (by hand, or by
+            # the batch's spend cap)
+            failed = any(final.by_status.get(s) for s in ("failed", "cancelled"))
         if as_json:
             _dump(summary)
         elif not wait:

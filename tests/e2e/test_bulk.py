@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -388,3 +389,26 @@ def test_a_chunk_that_fails_to_commit_is_written_again_on_resume(
     with ledger.session() as s:
         lines = s.execute(select(Job.line).order_by(Job.line)).scalars().all()
     assert lines == list(range(1, 9001))
+
+
+def test_submit_wait_follows_a_capped_batch_to_its_end_and_says_it_was_cut_short(
+    settings: Settings, ledger: Ledger, tmp_path: Path, start_workers: Callable[..., Workers]
+) -> None:
+    path = write_jsonl(tmp_path / "jobs.jsonl", [envelope(i, route="slm") for i in range(60)])
+    start_workers("all", concurrency=2)
+    result = cli("submit", str(path), "--spend-cap-usd", "0.00002", "--wait", "--json")
+    assert result.exit_code == 1, result.output  # the work did not all get done
+    status = json.loads(result.stdout)["status"]
+    by_status = status["by_status"]
+    assert status["done"] == 60 and set(by_status) == {"succeeded", "cancelled"}
+    assert by_status["cancelled"] > 30  # a few calls' worth of cap
+    batch = status["batch_id"]
+    with ledger.session() as s:
+        spent = s.get_one(Batch, batch).spent_usd
+        billed = s.execute(
+            select(func.sum(Attempt.cost_usd)).join(Job).where(Job.batch_id == batch)
+        ).scalar_one()
+    assert spent == billed == Decimal(status["spend_usd"])
+    records = [json.loads(x) for x in cli("results", batch).stdout.splitlines()]
+    cut = [r for r in records if r["status"] == "cancelled"]
+    assert cut and all("spend cap" in r["error"] and r["attempts"] == 0 for r in cut)
