@@ -51,6 +51,8 @@ def service_errors(settings: Settings) -> Iterator[None]:
     """Postgres or Redis not answering ends the command with exit 3 and one line that
     names the service (its URL without the password), not a driver's traceback."""
     from kombu.exceptions import OperationalError as BrokerError
+    from redis.exceptions import ConnectionError as RedisDown
+    from redis.exceptions import TimeoutError as RedisSlow
     from sqlalchemy.exc import OperationalError as LedgerError
 
     try:
@@ -58,7 +60,7 @@ def service_errors(settings: Settings) -> Iterator[None]:
     except LedgerError as exc:
         where = _at(settings.database_url_value())
         raise fail(f"cannot reach the ledger{where}: {exc.orig}", Exit.UNAVAILABLE) from None
-    except BrokerError as exc:
+    except (BrokerError, RedisDown, RedisSlow) as exc:
         where = _at(settings.redis_url_value())
         raise fail(f"cannot reach the broker{where}: {exc}", Exit.UNAVAILABLE) from None
     except ServiceUnavailable as exc:

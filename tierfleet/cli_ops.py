@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tierfleet.cli_common import Exit, fail, load_settings
+from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger, service_errors
 from tierfleet.errors import ConfigurationError, ServiceUnavailable
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
@@ -56,7 +56,8 @@ def reconcile(as_json: JsonFlag = False) -> None:
     except ServiceUnavailable as exc:
         raise fail(str(exc), Exit.UNAVAILABLE) from None
     try:
-        counts = run(rt, send_triage, send_attempt)
+        with service_errors(settings):
+            counts = run(rt, send_triage, send_attempt)
     finally:
         rt.close()
         celery.close()
@@ -75,36 +76,31 @@ def dead_letters(
     time, or crashing their worker), with the error; `--json` adds tracebacks and bodies."""
     from sqlalchemy import select
 
-    from tierfleet.db import Ledger, engine_from_settings
     from tierfleet.models import DeadLetter
 
     settings = load_settings()
-    try:
-        ledger = Ledger(engine_from_settings(settings))
-    except ConfigurationError as exc:
-        raise fail(str(exc), Exit.USAGE) from None
-    try:
-        with ledger.session() as s:
-            rows = s.scalars(select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)).all()
-            records = [
-                {
-                    "id": r.id,
-                    "created_at": r.created_at.isoformat(),
-                    "reason": r.reason,
-                    "task": r.task,
-                    "queue": r.queue,
-                    "job_id": r.job_id,
-                    "tries": r.tries,
-                    "error": r.error,
-                    "traceback": r.traceback,
-                    "body": r.body,
-                }
-                for r in rows
-            ]
-    finally:
-        ledger.engine.dispose()
+    with open_ledger(settings) as ledger, ledger.session() as s:
+        rows = s.scalars(select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)).all()
+        records = [
+            {
+                "id": r.id,
+                "created_at": r.created_at.isoformat(),
+                "reason": r.reason,
+                "task": r.task,
+                "queue": r.queue,
+                "job_id": r.job_id,
+                "tries": r.tries,
+                "error": r.error,
+                "traceback": r.traceback,
+                "body": r.body,
+            }
+            for r in rows
+        ]
     if as_json:
         print(json.dumps(records))
+        return
+    if not records:
+        err.print("no dead letters")
         return
     table = Table("id", "when", "reason", "task", "job", "tries", "error")
     for r in records:

@@ -125,3 +125,68 @@ def test_a_bad_setting_stops_the_demo_before_any_job_with_exit_2(
     result = runner.invoke(app, ["demo", "--jobs", "3"])
     assert result.exit_code == 2
     assert words in result.output
+
+
+def test_reconcile_re_drives_a_job_whose_message_was_lost(
+    settings: Settings, ledger: Ledger, redis_url: str
+) -> None:
+    import datetime as dt
+
+    import redis
+    from sqlalchemy import update
+
+    client = Client(settings, ledger, make_celery(settings))
+    job_id = client.submit({"feature": "f", "prompt": "hello"})
+    client.close()
+    broker = redis.Redis.from_url(redis_url)
+    broker.flushdb()  # the triage message is lost
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settings.stale_after_s + 60)
+    with ledger.begin() as conn:
+        conn.execute(update(Job).where(Job.id == job_id).values(updated_at=long_ago))
+
+    result = runner.invoke(app, ["reconcile", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"running": 0, "queued": 1, "triaged": 0}
+    assert broker.llen(settings.queue_triage) == 1  # sent again
+    again = runner.invoke(app, ["reconcile"])  # at most once per deadline
+    assert again.exit_code == 0 and "queued: 0 re-driven" in again.stdout
+    broker.close()
+
+
+def test_reconcile_names_an_unreachable_broker_with_exit_3(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://:rd-Pa55word@127.0.0.1:1/0")
+    result = runner.invoke(app, ["reconcile"])
+    assert result.exit_code == 3, result.output
+    assert "cannot reach the broker at redis://:***@127.0.0.1:1/0" in result.output
+    assert "rd-Pa55word" not in result.output and "Traceback" not in result.output
+
+
+def test_dead_letters_lists_what_was_given_up_on(settings: Settings, ledger: Ledger) -> None:
+    from tierfleet.models import DeadLetter
+
+    empty = runner.invoke(app, ["dead-letters"])
+    assert empty.exit_code == 0 and "no dead letters" in empty.output
+    with ledger.session() as s:
+        for n in (1, 2):
+            s.add(
+                DeadLetter(
+                    job_id=f"job-{n}",
+                    task="tierfleet.triage",
+                    queue="triage",
+                    reason="errors",
+                    tries=3,
+                    error=f"boom {n}",
+                    traceback="Traceback ...",
+                )
+            )
+        s.commit()
+    table = runner.invoke(app, ["dead-letters"], terminal_width=200)
+    assert table.exit_code == 0, table.output
+    assert "job-1" in table.stdout and "boom 2" in table.stdout
+    newest = json.loads(runner.invoke(app, ["dead-letters", "--json", "--limit", "1"]).stdout)
+    assert [(d["job_id"], d["tries"], d["traceback"]) for d in newest] == [
+        ("job-2", 3, "Traceback ...")
+    ]
+    assert runner.invoke(app, ["dead-letters", "--limit", "0"]).exit_code == 2
