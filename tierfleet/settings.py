@@ -64,8 +64,15 @@ class Settings(BaseSettings):
     # Requests in flight per worker process (a thread each): vLLM batches them.
     slm_concurrency: int = Field(32, gt=0)
     frontier_concurrency: int = Field(32, gt=0)
+    # Routing: "learned" is the trained prior adjusted per feature by the fleet's own
+    # outcomes, thresholds calibrated from a target; or a `module:factory` scorer,
+    # compared with TIERFLEET_TRIAGE_THRESHOLD.
+    triage_scorer: str = "learned"
     triage_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    triage_scorer: str = "workers.triage:RuleScorer"
+    triage_max_escalation_rate: float | None = Field(0.2, ge=0.0, le=1.0)
+    triage_frontier_share: float | None = Field(None, ge=0.0, le=1.0)
+    triage_targets_file: Path | None = None
+    triage_explore: float = Field(0.05, ge=0.0, le=1.0)
     pinned_features: dict[str, str] = Field(default_factory=dict)
 
     # Timeouts and retries.
@@ -108,6 +115,17 @@ class Settings(BaseSettings):
                     f"tiers are {', '.join(C.TIER_LADDER)}"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _one_default_target(self) -> Settings:
+        if self.triage_frontier_share is not None:
+            self.triage_max_escalation_rate = None  # a frontier share, when given, wins
+        elif self.triage_max_escalation_rate is None:
+            raise ValueError(
+                "set TIERFLEET_TRIAGE_MAX_ESCALATION_RATE or TIERFLEET_TRIAGE_FRONTIER_SHARE: "
+                "the routing thresholds are calibrated from one of them"
+            )
+        return self
 
     @model_validator(mode="after")
     def _visibility_above_longest_wait(self) -> Settings:

@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import orjson
+import redis
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -34,6 +35,7 @@ from tierfleet.errors import (
 from tierfleet.prices import Usage
 from workers import sql
 from workers.policy import Action, Decision
+from workers.router.router import LearnedRouter
 from workers.runtime import Runtime
 from workers.validation import LOW_CONFIDENCE_RULE, validate
 
@@ -164,6 +166,7 @@ class _Claimed:
     floor: int  # attempts up to this seq belong to an earlier run (see `tierfleet retry`)
     created_at: dt.datetime
     capped_batch: str | None = None  # its batch, when that has a spend cap to keep
+    triage_score: float | None = None
 
 
 def _claim(rt: Runtime, job_id: str, tier: str) -> _Claimed | None:
@@ -184,7 +187,9 @@ def _claim(rt: Runtime, job_id: str, tier: str) -> _Claimed | None:
             payload=row.payload,
         )  # fmt: skip
         capped = row.batch_id if row.spend_cap_usd is not None else None
-        claimed = _Claimed(spec, row.attempt_count, row.attempt_floor, row.created_at, capped)
+        claimed = _Claimed(
+            spec, row.attempt_count, row.attempt_floor, row.created_at, capped, row.triage_score
+        )
         need_s = _timeout_s(rt, tier, spec.max_tokens) + rt.settings.lease_grace_s
         if need_s > lease_s:
             conn.execute(
@@ -391,6 +396,7 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
             extra={"action": "attempt.fenced", "job_id": job_id, "tier": tier},
         )
         return None
+    _teach_router(rt, claimed, tier, decision)
     log.info(
         "attempt",
         extra={
@@ -403,6 +409,34 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
         },
     )
     return _follow(rt, spec, tier, call.outcome, decision, claimed.created_at)
+
+
+def _teach_router(rt: Runtime, claimed: _Claimed, tier: str, decision: Decision) -> None:
+    """Each small-tier outcome is a label for the learned router: a valid answer says the
+    small model sufficed, an escalation that it did not; a frontier failure after such an
+    escalation takes it back (neither model could answer). Routing state is advisory: a
+    Redis that does not answer costs the label, never the job."""
+    router = rt.triage.scorer
+    if not isinstance(router, LearnedRouter):
+        return
+    spec, score = claimed.spec, claimed.triage_score
+    try:
+        if tier == rt.policy.ladder[0]:
+            if decision.action in (Action.SUCCEED, Action.ESCALATE):
+                router.learn_small(spec, score, escalated=decision.action is Action.ESCALATE)
+        elif decision.action is Action.FAIL and tier == rt.policy.ladder[-1]:
+            with rt.ledger.begin() as conn:
+                failed_small = conn.execute(
+                    sql.SMALL_TIER_FAILED,
+                    {"p_id": spec.id, "p_tier": rt.policy.ladder[0], "p_floor": claimed.floor},
+                ).scalar_one()
+            if failed_small:
+                router.learn_escalation_failed(spec, score)
+    except (redis.RedisError, OSError):
+        log.warning(
+            "cannot record a routing outcome", exc_info=True,
+            extra={"action": "router.learn_error", "job_id": spec.id},
+        )  # fmt: skip
 
 
 def _book(

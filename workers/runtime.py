@@ -73,7 +73,7 @@ class Runtime:
             metrics=Metrics.from_settings(settings),
             backends=backends,
             triage=Triage(
-                scorer=load_scorer(settings.triage_scorer),
+                scorer=make_scorer(settings),
                 threshold=settings.triage_threshold,
                 context_tokens=settings.slm_context_tokens,
                 pinned_features=settings.pinned_features,
@@ -93,9 +93,37 @@ class Runtime:
             close = getattr(backend, "close", None)
             if close is not None:
                 close()
+        close_scorer = getattr(self.triage.scorer, "close", None)
+        if close_scorer is not None:
+            close_scorer()
         self.metrics.close()
         if self.owns_ledger:
             self.ledger.engine.dispose()
+
+
+def make_scorer(settings: Settings) -> Scorer:
+    """The learned router (its memory in Redis, shared by the fleet; in the process when
+    the broker is in-process), or the `module:factory` scorer the settings name."""
+    if settings.triage_scorer != "learned":
+        return load_scorer(settings.triage_scorer)
+    from workers.router.memory import LocalMemory, Memory, RedisMemory
+    from workers.router.router import LearnedRouter, Target, Targets
+
+    url = settings.redis_url_value()
+    memory: Memory
+    if url and url.startswith(("redis://", "rediss://", "unix://")):
+        memory = RedisMemory.from_url(url)
+    else:
+        memory = LocalMemory()
+    default = Target(
+        frontier_share=settings.triage_frontier_share,
+        max_escalation_rate=settings.triage_max_escalation_rate,
+    )
+    return LearnedRouter(
+        memory=memory,
+        targets=Targets.load(default, settings.triage_targets_file),
+        explore=settings.triage_explore,
+    )
 
 
 def load_scorer(path: str) -> Scorer:

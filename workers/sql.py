@@ -104,6 +104,7 @@ CLAIM = (
         Job.attempt_floor,
         Job.created_at,
         Job.lost_leased_at,
+        Job.triage_score,
         Job.batch_id,
         select(_batch.spend_cap_usd)
         .where(_batch.id == Job.batch_id)
@@ -187,6 +188,13 @@ ADD_COST = (
     update(Job)
     .where(Job.id == _p("p_id"))
     .values(cost_usd=Job.cost_usd + _p("p_cost", _job.cost_usd))
+)
+# Did the small tier fail this job before it reached the frontier? (the router's label)
+SMALL_TIER_FAILED = select(func.count()).where(
+    Attempt.job_id == _p("p_id"),
+    Attempt.tier == _p("p_tier", Attempt.__table__.c.tier),
+    Attempt.seq > _p("p_floor", Attempt.__table__.c.seq),
+    Attempt.outcome.in_([Outcome.INVALID, Outcome.LOW_CONFIDENCE, Outcome.TIMEOUT]),
 )
 COUNT_ABANDONED = select(func.count()).where(
     Attempt.job_id == _p("p_id"),

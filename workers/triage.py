@@ -2,8 +2,11 @@
 
 In order: an explicit `route` wins; then hard rules (the prompt and its answer do not fit
 the small model's context window; the feature is pinned to a tier); then a scorer's
-p(needs a bigger model) against a threshold. The decision carries its score, its reason
-and the scorer's version, and is recorded on the job.
+p(needs a bigger model) against a threshold. The default scorer is the learned router
+(`workers/router/`), which also calibrates the threshold per feature from its target and
+learns from the fleet's outcomes; any other scorer is compared with a fixed threshold.
+The decision carries its score, its reason and the scorer's version, and is recorded on
+the job.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tierfleet import constants as C
 from tierfleet.envelope import JobSpec
@@ -24,6 +27,20 @@ class Scorer(Protocol):
     def version(self) -> str: ...
 
     def score(self, job: JobSpec) -> float: ...
+
+
+class Assessed(Protocol):
+    score: float
+    threshold: float
+    explore: bool
+    reason: str
+
+
+@runtime_checkable
+class Router(Scorer, Protocol):
+    """A scorer that sets its own threshold per job (calibrated per feature)."""
+
+    def assess(self, job: JobSpec) -> Assessed: ...
 
 
 _CODE = re.compile(
@@ -95,6 +112,10 @@ class Triage:
         pinned = self.pinned_features.get(job.feature)
         if pinned is not None:
             return TriageDecision(pinned, "pinned feature", None, version)
+        if isinstance(self.scorer, Router):
+            a = self.scorer.assess(job)
+            tier = top if a.score >= a.threshold and not a.explore else small
+            return TriageDecision(tier, a.reason, a.score, version)
         score = self.scorer.score(job)
         tier = top if score >= self.threshold else small
         op = ">=" if tier == top else "<"

@@ -95,8 +95,11 @@ def test_triage_records_its_decision_once(rt: Runtime) -> None:
     with rt.ledger.session() as s:
         job = s.get(Job, job_id)
         assert job is not None
-        assert (job.status, job.tier, job.triage_version) == (JobStatus.TRIAGED, "slm", "rules-1")
+        assert (job.status, job.tier) == (JobStatus.TRIAGED, "slm")
+        assert job.triage_version == rt.triage.scorer.version
+        assert job.triage_version.startswith("prior-") and job.triage_version.endswith("+online")
         assert job.triage_reason and job.triage_reason.startswith("score ")
+        assert "new feature" in job.triage_reason and job.triage_score is not None
     assert triage_job(rt, job_id) is None  # a duplicate triage message does nothing
     assert triage_job(rt, "no-such-job") is None
 
