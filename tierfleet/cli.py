@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tierfleet import cli_batch, cli_ops
+from tierfleet import cli_batch, cli_ops, cli_triage
 from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger, service_errors
 from tierfleet.errors import ConfigurationError, TierfleetError
 
@@ -27,6 +27,7 @@ db_app = typer.Typer(help="The ledger database.", no_args_is_help=True)
 job_app = typer.Typer(help="Look at single jobs.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(job_app, name="job")
+app.add_typer(cli_triage.triage_app, name="triage")
 
 
 @app.command()

@@ -58,10 +58,17 @@ class TcpProxy:
             pairs, self._pairs = self._pairs, []
         for a, b in pairs:
             for s in (a, b):
+                # A reset, not a close: the peer (Postgres) must see the connection die
+                # and roll back its transaction. shutdown() first, because a close alone
+                # does not wake the pipe thread blocked in recv(), and the socket would
+                # live on (with its session's locks) until that returns.
                 with contextlib.suppress(OSError):
                     s.setsockopt(
                         socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
                     )
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
                     s.close()
 
     def _accept(self) -> None:

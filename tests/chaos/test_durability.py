@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 from kombu import Connection
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from producers import Client, bulk
 from producers.jsonl import open_input
@@ -208,6 +208,12 @@ def test_postgres_away_for_ten_seconds_loses_nothing(
         )
     assert outage_started[JobStatus.SUCCEEDED] < len(ids)
     assert statuses(ledger) == {JobStatus.SUCCEEDED: len(ids)}
+    # no session cut off mid-transaction lives on holding its locks
+    wait_until(
+        lambda: _stuck_in_transaction(ledger) == 0,
+        timeout_s=10,
+        what="no session idle in a transaction after the outage",
+    )
     with ledger.session() as s:
         outcomes = Counter(s.execute(select(Attempt.outcome)).scalars())
         billed = s.execute(select(func.sum(Attempt.cost_usd))).scalar_one()
@@ -217,6 +223,15 @@ def test_postgres_away_for_ten_seconds_loses_nothing(
     requests = len(fake_vllm.requests) + len(fake_anthropic.requests)
     assert sum(outcomes.values()) == requests and outcomes[Outcome.ABANDONED] == 0, outcomes
     assert billed == charged
+
+
+def _stuck_in_transaction(ledger: Ledger) -> int:
+    with ledger.engine.connect() as conn:
+        query = text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND state = 'idle in transaction' AND pid <> pg_backend_pid()"
+        )
+        return int(conn.execute(query).scalar_one())
 
 
 def _publish_raw(redis_url: str, queue: str, body: bytes, content_type: str) -> None:

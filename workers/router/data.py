@@ -93,3 +93,18 @@ def write_eval(rows: list[Row], path: Path) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row.eval_record(), ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Write the held-out split as `tierfleet triage eval` rows (JSONL)."
+    )
+    parser.add_argument("out", type=Path, help="where to write the rows")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("--seed", type=int, default=SEED)
+    args = parser.parse_args()
+    held = split(load(args.data), args.seed)[1]
+    write_eval(held, args.out)
+    print(f"{len(held):,} held-out rows (seed {args.seed}) written to {args.out}")

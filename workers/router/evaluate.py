@@ -88,8 +88,7 @@ class Summary:
     cpt50: float | None
     cpt80: float | None
     online: bool
-    sent_small: int = 0  # online: rows the router sent to the small tier
-    learned_from: int = 0
+    sent_small: int = 0  # online: rows the router sent to the small tier, and learnt from
     cost: dict[str, float] = field(default_factory=dict)
     scorer: str = ""
 
@@ -107,10 +106,7 @@ class Summary:
             f"{self.quality_large:.3f}"
         )
         if self.online:
-            yield (
-                f"replay: {self.sent_small:,} rows sent to the small tier, "
-                f"{self.learned_from:,} outcomes learnt"
-            )
+            yield f"replay: {self.sent_small:,} rows sent to the small tier and learnt from"
         for name, value in self.cost.items():
             yield f"{name}: {value:.6f}"
         yield "auroc: " + (
@@ -134,7 +130,7 @@ def evaluate(
 ) -> Summary:
     router = router or LearnedRouter(memory=LocalMemory())
     scores: list[float] = []
-    sent_small = learned = 0
+    sent_small = 0
     for i, row in enumerate(rows):
         key = f"eval/{i}"
         if not online:
@@ -144,12 +140,11 @@ def evaluate(
             scores.append(a.score)
             if a.score < a.threshold or a.explore:
                 sent_small += 1
-                learned += 1
                 _learn(router, row, a.score)
         if i % 256 == 0:
             progress(i)
     progress(len(rows))
-    return _summary(router, rows, scores, online, sent_small, learned)
+    return _summary(router, rows, scores, online, sent_small)
 
 
 def _learn(router: LearnedRouter, row: EvalRow, score: float) -> None:
@@ -168,7 +163,6 @@ def _summary(
     scores: list[float],
     online: bool,
     sent_small: int,
-    learned: int,
 ) -> Summary:
     small = [r.small_ok for r in rows]
     large = [r.large_ok for r in rows]
@@ -195,7 +189,6 @@ def _summary(
         cpt80=curve.share_for(0.8),
         online=online,
         sent_small=sent_small,
-        learned_from=learned,
         scorer=router.version,
     )
     if all(r.small_cost is not None and r.large_cost is not None for r in rows):
