@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.progress import Progress
 from sqlalchemy import and_, exists, select
+from sqlalchemy.orm import aliased
 
 from tierfleet import constants as C
 from tierfleet.constants import JobStatus, Outcome
@@ -33,8 +34,10 @@ def rebuild(ledger: Ledger, memory: Memory, *, progress: bool = False) -> dict[s
     prior = load_prior()
     local = LocalMemory()
     small, top = C.TIER_LADDER[0], C.TIER_LADDER[-1]
-    frontier_failed = exists().where(
-        Attempt.job_id == Job.id, Attempt.tier == top, Job.status == JobStatus.FAILED
+    later = aliased(Attempt)
+    frontier_failed = and_(
+        Job.status == JobStatus.FAILED,
+        exists().where(later.job_id == Job.id, later.tier == top),
     )
     outcomes = (
         select(

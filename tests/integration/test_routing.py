@@ -1,0 +1,116 @@
+"""The learned router in the pipeline, on the real Redis and Postgres: worker steps teach
+it every small-tier outcome, triage reads what all workers taught it, each decision is
+recorded with the scorer's version, score and reason, and `tierfleet triage retrain`
+rebuilds the same memory from the ledger."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from tests.integration.test_steps import BAD, GOOD, new_job, script
+from tierfleet.cli import app
+from tierfleet.db import Ledger
+from tierfleet.models import Job
+from tierfleet.settings import Settings
+from tierfleet.transport import make_celery
+from workers.execute import Next, attempt_job, triage_job
+from workers.router.memory import RedisMemory
+from workers.router.router import LearnedRouter
+from workers.runtime import Runtime
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def rt(settings: Settings, ledger: Ledger) -> Iterator[Runtime]:
+    celery = make_celery(settings)
+    runtime = Runtime.build(settings, celery, ledger)
+    assert isinstance(runtime.triage.scorer, LearnedRouter)
+    assert isinstance(runtime.triage.scorer.memory, RedisMemory)
+    runtime.triage.scorer.memory.refresh_s = 0.0  # read what was just learnt
+    yield runtime
+    runtime.close()
+    celery.close()
+
+
+def run(rt: Runtime, job_id: str) -> str:
+    """Triage the job and run its attempts to the end; the tier it was triaged to."""
+    first = triage_job(rt, job_id)
+    assert first is not None
+    step: Next | None = first
+    while step is not None:
+        step = attempt_job(rt, job_id, step.tier)
+    return first.tier
+
+
+PROMPT = "Extract the invoice number and the total from: 'INV-{i}, total 41.50 EUR'"
+
+
+def test_a_feature_that_keeps_failing_on_the_small_tier_goes_straight_to_the_frontier(
+    rt: Runtime,
+) -> None:
+    script(rt, "slm", BAD)  # the small model's answers never pass
+    script(rt, "frontier", GOOD)
+    first = [run(rt, new_job(rt, feature="invoices", prompt=PROMPT.format(i=i))) for i in range(30)]
+    assert first[0] == "slm"  # a new feature starts at the prior: small first
+    later = [
+        run(rt, new_job(rt, feature="invoices", prompt=PROMPT.format(i=i))) for i in range(30, 40)
+    ]
+    assert later.count("frontier") >= 9  # exploration may still try the small tier
+    with rt.ledger.session() as s:
+        job = (
+            s.execute(select(Job).where(Job.feature == "invoices").order_by(Job.created_at.desc()))
+            .scalars()
+            .first()
+        )
+    assert job is not None and job.triage_version == rt.triage.scorer.version
+    assert job.triage_score is not None and job.triage_score > 0.5
+    assert job.triage_reason and "offset +" in job.triage_reason
+
+
+def test_a_feature_that_keeps_passing_stays_small_and_another_feature_is_not_moved(
+    rt: Runtime,
+) -> None:
+    script(rt, "slm", GOOD)
+    script(rt, "frontier", GOOD)
+    tiers = [
+        run(rt, new_job(rt, feature="reviews", prompt=f"Sentiment of review {i}: 'fine'"))
+        for i in range(40)
+    ]
+    assert tiers.count("slm") == 40
+    router = rt.triage.scorer
+    assert isinstance(router, LearnedRouter)
+    stats = router.memory.stats("reviews")
+    assert stats.n == 40 and stats.positives == 0 and sum(stats.triaged) == 40
+    assert router.offset(stats) < 0  # it learnt that the small tier suffices here
+    assert router.memory.stats("invoices").n == 0
+
+
+def test_retrain_rebuilds_the_memory_the_workers_built(
+    rt: Runtime, settings: Settings, redis_url: str
+) -> None:
+    script(rt, "slm", GOOD, BAD, BAD)  # a mix of small-tier outcomes
+    script(rt, "frontier", GOOD)
+    for i in range(24):
+        run(rt, new_job(rt, feature=f"f{i % 3}", prompt=PROMPT.format(i=i)))
+    router = rt.triage.scorer
+    assert isinstance(router, LearnedRouter)
+    assert isinstance(router.memory, RedisMemory)
+    router.memory.flush()
+    before = {f: router.memory.stats(f) for f in ("f0", "f1", "f2")}
+    router.memory.reset({})  # Redis lost it
+    assert router.memory.stats("f0").n == 0
+
+    result = CliRunner().invoke(app, ["triage", "retrain", "--json"])
+    assert result.exit_code == 0, result.output
+    after = {f: router.memory.stats(f) for f in ("f0", "f1", "f2")}
+    for f in before:
+        assert (after[f].n, after[f].positives) == (before[f].n, before[f].positives)
+        assert after[f].prior_sum == pytest.approx(before[f].prior_sum)
+        assert after[f].triaged == before[f].triaged
+        assert after[f].observed == before[f].observed
+        assert after[f].escalated == before[f].escalated
