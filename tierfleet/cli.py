@@ -167,6 +167,8 @@ for _name in ("submit", "status", "results", "cancel", "retry"):
 app.command("beat")(cli_ops.beat)
 app.command("reconcile")(cli_ops.reconcile)
 app.command("dead-letters")(cli_ops.dead_letters)
+app.command("depth")(cli_ops.depth)
+app.command("scale")(cli_ops.scale)
 
 
 def main() -> None:

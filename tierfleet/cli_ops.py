@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,6 +13,12 @@ from rich.table import Table
 
 from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger, service_errors
 from tierfleet.errors import ConfigurationError, ServiceUnavailable
+
+if TYPE_CHECKING:
+    import redis
+
+    from tierfleet.settings import Settings
+    from workers.depth import Depth
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
 
@@ -109,3 +115,85 @@ def dead_letters(
             str(r["job_id"] or ""), str(r["tries"]), str(r["error"])[:120],
         )  # fmt: skip
     Console().print(table)
+
+
+def _broker_client(settings: Settings) -> redis.Redis:
+    import redis
+
+    url = settings.redis_url_value()
+    if not url or not url.startswith(("redis://", "rediss://", "unix://")):
+        raise fail("depth and scale read Redis: set REDIS_URL", Exit.USAGE)
+    return redis.Redis.from_url(url, socket_timeout=5)
+
+
+def depth(
+    as_json: JsonFlag = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every 2 s until Ctrl-C.")] = False,
+) -> None:
+    """Queue depth per queue: ready messages (every priority step), delivered but not yet
+    acknowledged, jobs waiting in the ledger and the oldest wait; for the small tier,
+    vLLM's waiting and running requests (when VLLM_BASE_URL is set)."""
+    import time
+
+    from rich.live import Live
+
+    from workers.depth import read
+
+    settings = load_settings()
+    client = _broker_client(settings)
+    with open_ledger(settings) as ledger:
+
+        def reading() -> Depth:
+            return read(settings, ledger, client)
+
+        if as_json:
+            print(json.dumps(reading().to_dict()))
+            return
+        if not watch:
+            Console().print(_depth_table(reading()))
+            return
+        with Live(_depth_table(reading()), refresh_per_second=1) as live:
+            try:
+                while True:
+                    time.sleep(2)
+                    live.update(_depth_table(reading()))
+            except KeyboardInterrupt:
+                pass
+
+
+def _depth_table(d: Depth) -> Table:
+    table = Table("queue", "pool", "ready", "unacked", "waiting jobs", "oldest wait")
+    for q in d.queues:
+        oldest = "—" if q.oldest_wait_s is None else f"{q.oldest_wait_s:,.0f} s"
+        table.add_row(
+            q.queue, q.pool, f"{q.ready:,}", f"{q.unacked:,}", f"{q.waiting_jobs:,}", oldest
+        )
+    if d.vllm is not None:
+        waiting, running = d.vllm.get("waiting", 0), d.vllm.get("running", 0)
+        table.caption = f"vLLM: {waiting:,.0f} waiting, {running:,.0f} running"
+    elif d.vllm_error:
+        table.caption = f"vLLM: not reached ({d.vllm_error})"
+    return table
+
+
+def scale(as_json: JsonFlag = False) -> None:
+    """Replicas each pool needs to drain its queue within TIERFLEET_SCALE_DRAIN_S, at the
+    per-worker throughput the ledger shows, within each pool's min and max."""
+    from workers.depth import read
+    from workers.scale import recommend
+
+    settings = load_settings()
+    client = _broker_client(settings)
+    with open_ledger(settings) as ledger:
+        recs = recommend(settings, ledger, read(settings, ledger, client, vllm=False))
+    if as_json:
+        print(json.dumps([r.to_dict() for r in recs]))
+        return
+    table = Table("pool", "queue", "depth", "per worker", "replicas", "limits", "basis")
+    for r in recs:
+        table.add_row(
+            r.pool, r.queue, f"{r.depth:,}", f"{r.per_worker_jobs_per_s:,.1f} jobs/s",
+            str(r.replicas), f"{r.min_replicas}-{r.max_replicas}", r.basis,
+        )  # fmt: skip
+    Console().print(table)
+    err.print(f"drain target {settings.scale_drain_s:,.0f} s")

@@ -53,6 +53,11 @@ METRIC_ATTEMPT_LATENCY_MS: Final = METRIC_PREFIX + "attempt.latency_ms"
 METRIC_JOB_DURATION_MS: Final = METRIC_PREFIX + "job.duration_ms"
 METRIC_QUEUE_DEPTH: Final = METRIC_PREFIX + "queue.depth"
 METRIC_QUEUE_UNACKED: Final = METRIC_PREFIX + "queue.unacked"
+METRIC_QUEUE_OLDEST_S: Final = METRIC_PREFIX + "queue.oldest_wait_s"  # the oldest job waiting
+METRIC_VLLM_WAITING: Final = METRIC_PREFIX + "vllm.requests_waiting"
+METRIC_VLLM_RUNNING: Final = METRIC_PREFIX + "vllm.requests_running"
+METRIC_REPLICAS_WANTED: Final = METRIC_PREFIX + "pool.replicas_wanted"  # tags: pool
+TASK_DEPTH: Final = "tierfleet.depth"  # periodic (beat): queue depth and scaling as gauges
 METRIC_JOBS_REDRIVEN: Final = METRIC_PREFIX + "jobs.redriven"  # tags: stage
 METRIC_DEAD_LETTERS: Final = METRIC_PREFIX + "dead_letters"  # tags: task, reason
 

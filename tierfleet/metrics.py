@@ -58,6 +58,10 @@ class Metrics:
     def close(self) -> None:
         self._sink.close_socket()
 
+    def gauge(self, metric: str, value: float, tags: list[str]) -> None:
+        """A level (queue depth, replicas wanted), sent as it stands."""
+        self._sink.gauge(metric, value, tags=tags)
+
     def job_submitted(self, *, feature: str, route: str) -> None:
         self._sink.increment(C.METRIC_JOBS_SUBMITTED, tags=[f"feature:{feature}", f"route:{route}"])
 

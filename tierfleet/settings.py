@@ -93,6 +93,18 @@ class Settings(BaseSettings):
     max_worker_losses: int = Field(3, ge=1)
     max_task_errors: int = Field(3, ge=1)
     db_retry_s: float = Field(120.0, ge=0)
+
+    # Operations: depth gauges, and the replicas each pool needs.
+    depth_interval_s: float = Field(15.0, gt=0)
+    scale_drain_s: float = Field(300.0, gt=0)
+    scale_window_s: float = Field(900.0, gt=0)
+    scale_triage_jobs_per_s: float = Field(200.0, gt=0)
+    scale_triage_min: int = Field(1, ge=0)
+    scale_triage_max: int = Field(8, ge=1)
+    scale_slm_min: int = Field(1, ge=0)
+    scale_slm_max: int = Field(8, ge=1)
+    scale_frontier_min: int = Field(0, ge=0)
+    scale_frontier_max: int = Field(20, ge=1)
     min_mean_logprob: float | None = None
 
     prices_file: Path | None = None
@@ -115,6 +127,15 @@ class Settings(BaseSettings):
                     f"tiers are {', '.join(C.TIER_LADDER)}"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _scale_limits_in_order(self) -> Settings:
+        for pool in ("triage", "slm", "frontier"):
+            lo, hi = getattr(self, f"scale_{pool}_min"), getattr(self, f"scale_{pool}_max")
+            if lo > hi:
+                name = f"TIERFLEET_SCALE_{pool.upper()}"
+                raise ValueError(f"{name}_MIN ({lo}) is above {name}_MAX ({hi})")
+        return self
 
     @model_validator(mode="after")
     def _one_default_target(self) -> Settings:

@@ -51,7 +51,12 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> Celery:
             "task": C.TASK_RECONCILE,
             "schedule": settings.reconcile_interval_s,
             "options": {"queue": C.QUEUE_CONTROL, "expires": settings.reconcile_interval_s},
-        }
+        },
+        "depth": {
+            "task": C.TASK_DEPTH,
+            "schedule": settings.depth_interval_s,
+            "options": {"queue": C.QUEUE_CONTROL, "expires": settings.depth_interval_s},
+        },
     }
     import workers.tasks  # noqa: F401  (registers the shared tasks)
 

@@ -18,71 +18,23 @@ harm when its copy arrives.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from sqlalchemy import and_, or_, select, update
 
-from tierfleet import constants as C
 from tierfleet.constants import JobStatus
 from tierfleet.models import Batch, Job
+from workers.broker import Held, held
 from workers.runtime import Runtime
 
 log = logging.getLogger("tierfleet.reconcile")
 
 PER_STATEMENT = 1000  # jobs re-driven per statement; a pass repeats until none are left
 PER_PASS = 200_000
-_PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: `queue`, `queue\x06\x163`, ...
-_PRIORITY_STEPS = (3, 6, 9)
-
-
-@dataclass
-class Held:
-    """What the broker holds: ready messages per queue, and the jobs and batches of the
-    messages delivered to a worker but not yet acknowledged."""
-
-    ready: dict[str, int] = field(default_factory=dict)
-    job_ids: set[str] = field(default_factory=set)
-    batch_ids: set[str] = field(default_factory=set)
-
-
-def held(client: redis.Redis, queues: list[str]) -> Held:
-    out = Held()
-    with client.pipeline(transaction=False) as pipe:
-        for queue in queues:
-            pipe.llen(queue)
-            for step in _PRIORITY_STEPS:
-                pipe.llen(f"{queue}{_PRIORITY_SEP}{step}")
-        lengths = pipe.execute()
-    per = 1 + len(_PRIORITY_STEPS)
-    for i, queue in enumerate(queues):
-        out.ready[queue] = sum(lengths[i * per : (i + 1) * per])
-    for raw in client.hvals(C.REDIS_UNACKED):
-        task, args = _task_args(raw)
-        if task == C.TASK_TRIAGE_RANGE and args:
-            out.batch_ids.add(str(args[0]))
-        elif task in (C.TASK_TRIAGE, C.TASK_ATTEMPT) and args:
-            out.job_ids.add(str(args[0]))
-    return out
-
-
-def _task_args(raw: bytes | str) -> tuple[str | None, list[Any]]:
-    """The task name and args of a kombu message as stored in the unacked hash."""
-    try:
-        message = json.loads(raw)[0]
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        return message.get("headers", {}).get("task"), list(args)
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None, []
 
 
 def reconcile(

@@ -120,6 +120,28 @@ def reconcile(self: Task) -> None:
     reconcile_jobs(runtime(), send_triage, send_attempt)
 
 
+@shared_task(name=C.TASK_DEPTH, bind=True)
+def depth(self: Task) -> None:
+    """Periodic (beat): queue depth, the oldest wait, vLLM's queue and the replicas each
+    pool needs, as DogStatsD gauges."""
+    import redis
+
+    from workers import depth as queue_depth
+    from workers import scale
+
+    rt = runtime()
+    url = rt.settings.redis_url_value()
+    if url is None or not url.startswith(("redis://", "rediss://", "unix://")):
+        return
+    client = redis.Redis.from_url(url)
+    try:
+        reading = queue_depth.read(rt.settings, rt.ledger, client)
+    finally:
+        client.close()
+    queue_depth.publish(reading, rt.metrics)
+    scale.publish(scale.recommend(rt.settings, rt.ledger, reading), rt.metrics)
+
+
 def send_triage(rt: Runtime, job_ids: list[str]) -> None:
     with rt.celery.producer_or_acquire() as producer:
         for job_id in job_ids:
