@@ -14,6 +14,7 @@ import orjson
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Date,
     DateTime,
     Enum,
     Float,
@@ -141,6 +142,8 @@ class Job(Base):
     # The lease of the attempt running now (`attempt_count` is its seq): a worker that
     # outlives `lease_until` has been replaced. `lost_leased_at` is set when a claim took
     # the job over from such a worker (the start of the lapsed lease).
+    # Why a job that could run is waiting (a daily budget reached), until it runs.
+    hold_reason: Mapped[str | None] = mapped_column(Text)
     leased_at: Mapped[dt.datetime | None] = mapped_column(_now())
     lease_until: Mapped[dt.datetime | None] = mapped_column(_now())
     lost_leased_at: Mapped[dt.datetime | None] = mapped_column(_now())
@@ -217,3 +220,28 @@ class DeadLetter(Base):
     created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
 
     __table_args__ = (Index(None, "created_at"), Index(None, "job_id"))
+
+
+class Budget(Base):
+    """A daily spend cap: `frontier` (every frontier attempt) or `feature:NAME` (every
+    attempt of the feature). Once today's spend reaches it, new frontier attempts in the
+    scope wait for the next UTC day or a raised cap."""
+
+    __tablename__ = "budgets"
+
+    scope: Mapped[str] = mapped_column(String(120), primary_key=True)
+    daily_cap_usd: Mapped[Decimal] = mapped_column(USD)
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        _now(), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class BudgetSpend(Base):
+    """What a capped scope has spent on one UTC day; workers add each attempt's cost in
+    the transaction that books it."""
+
+    __tablename__ = "budget_spend"
+
+    scope: Mapped[str] = mapped_column(String(120), primary_key=True)
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    spent_usd: Mapped[Decimal] = mapped_column(USD)

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     max_task_errors: int = Field(3, ge=1)
     db_retry_s: float = Field(120.0, ge=0)
 
+    # Daily budgets (`tierfleet budgets set`): how often a waiting job looks again.
+    budget_recheck_s: float = Field(60.0, gt=0)
+
     # Operations: depth gauges, and the replicas each pool needs.
     depth_interval_s: float = Field(15.0, gt=0)
     scale_drain_s: float = Field(300.0, gt=0)

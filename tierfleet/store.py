@@ -94,6 +94,7 @@ class JobView:
     error: str | None
     cost_usd: Decimal
     attempts: tuple[AttemptView, ...]
+    hold_reason: str | None = None  # why it waits (a daily budget spent), while it does
 
     @property
     def terminal(self) -> bool:
@@ -145,4 +146,5 @@ def get_job(session: Session, job_id: str) -> JobView:
         error=job.error,
         cost_usd=job.cost_usd,
         attempts=attempts,
+        hold_reason=job.hold_reason,
     )

@@ -34,6 +34,7 @@ from tierfleet.errors import (
 )
 from tierfleet.prices import Usage
 from workers import sql
+from workers.budgets import Hold
 from workers.policy import Action, Decision
 from workers.router.router import LearnedRouter
 from workers.runtime import Runtime
@@ -186,6 +187,9 @@ def _claim(rt: Runtime, job_id: str, tier: str) -> _Claimed | None:
             id=job_id, feature=row.feature, route=row.route, latency=row.latency,
             payload=row.payload,
         )  # fmt: skip
+        hold = rt.budgets.hold(conn, row.feature, tier)
+        if hold is not None:
+            raise _OnHold(hold)  # the claim rolls back: the job stays triaged
         capped = row.batch_id if row.spend_cap_usd is not None else None
         claimed = _Claimed(
             spec, row.attempt_count, row.attempt_floor, row.created_at, capped, row.triage_score
@@ -201,6 +205,27 @@ def _claim(rt: Runtime, job_id: str, tier: str) -> _Claimed | None:
         ):
             return None
     return claimed
+
+
+class _OnHold(Exception):
+    def __init__(self, hold: Hold) -> None:
+        self.hold = hold
+
+
+def _hold(rt: Runtime, job_id: str, tier: str, hold: Hold) -> Next | None:
+    """A daily budget is spent: the job waits, its reason on the row, and its message
+    comes back after `hold.delay_s` to look again."""
+    with rt.ledger.begin() as conn:
+        waiting = conn.execute(
+            sql.HOLD, {"p_id": job_id, "p_tier": tier, "p_reason": hold.reason}
+        ).first()
+    if waiting is None:
+        return None
+    log.info(
+        "budget spent; the job waits",
+        extra={"action": "attempt.budget_hold", "job_id": job_id, "tier": tier},
+    )
+    return Next(tier, hold.delay_s)
 
 
 def _stop_over_cap(rt: Runtime, conn: Connection, job_id: str, tier: str) -> None:
@@ -364,7 +389,10 @@ def _call(rt: Runtime, spec: JobSpec, tier: str) -> CallResult:
 
 
 def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
-    claimed = _claim(rt, job_id, tier)
+    try:
+        claimed = _claim(rt, job_id, tier)
+    except _OnHold as held:
+        return _hold(rt, job_id, tier, held.hold)
     if claimed is None:
         return None
     spec = claimed.spec
@@ -462,6 +490,7 @@ def _book(
             }
             conn.execute(sql.upsert_abandoned(conn.dialect.name), fenced)
             conn.execute(sql.ADD_COST, {"p_id": job_id, "p_cost": row["cost_usd"]})
+        rt.budgets.add(conn, rt.budgets.scopes(conn, claimed.spec.feature, tier), row["cost_usd"])
         if claimed.capped_batch is not None and row["cost_usd"]:
             # last, so that the batch's row stays locked for the commit alone
             conn.execute(

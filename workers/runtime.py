@@ -22,6 +22,7 @@ from tierfleet.prices import PriceBook
 from tierfleet.settings import Settings
 from workers.backends.base import ModelBackend
 from workers.backends.sim import SimulatedBackend
+from workers.budgets import Budgets
 from workers.policy import EscalationPolicy
 from workers.triage import Scorer, Triage
 
@@ -48,6 +49,7 @@ class Runtime:
     policy: EscalationPolicy
     celery: Celery
     owns_ledger: bool = field(default=True)
+    budgets: Budgets = field(default_factory=Budgets)
 
     @classmethod
     def build(
@@ -86,6 +88,7 @@ class Runtime:
             ),
             celery=celery,
             owns_ledger=ledger is None,
+            budgets=Budgets(recheck_s=settings.budget_recheck_s),
         )
 
     def close(self) -> None:

@@ -94,6 +94,7 @@ CLAIM = (
         leased_at=_p("p_now", _job.leased_at),
         lease_until=_p("p_until", _job.lease_until),
         lost_leased_at=case((Job.status == _RUNNING, Job.leased_at), else_=null()),
+        hold_reason=None,
     )
     .returning(
         Job.feature,
@@ -133,6 +134,16 @@ CANCEL_OVER_CAP = (
     )
     .values(status=JobStatus.CANCELLED, error=_p("p_error", _job.error), finished_at=func.now())
     .returning(Job.feature, Job.created_at)
+)
+# A job waiting for a daily budget: why, on the row (`updated_at` too: the wait is
+# activity, and its delayed message is held by a worker, so the reconciler leaves it).
+HOLD = (
+    update(Job)
+    .where(
+        Job.id == _p("p_id"), Job.tier == _p("p_tier", _job.tier), Job.status == JobStatus.TRIAGED
+    )
+    .values(hold_reason=_p("p_reason", _job.hold_reason), updated_at=func.now())
+    .returning(Job.id)
 )
 # A job whose `max_tokens` asks for a longer call than the claim's default lease.
 EXTEND_LEASE = (

@@ -1,0 +1,118 @@
+"""Daily budgets: spend caps per UTC day, for the frontier tier (`frontier`) and per
+feature (`feature:NAME`).
+
+A frontier attempt checks its scopes' spend today before it calls; when a cap is reached
+the job waits, `triaged` with its `hold_reason`, and its message comes back every
+`TIERFLEET_BUDGET_RECHECK_S` (or at the next day, if sooner) until the day turns or the
+cap is raised. Every attempt's cost is added to its capped scopes in the transaction that
+books it, so the check is as current as the ledger: calls already in flight when a cap is
+crossed finish and are billed, and the overshoot is at most one call per worker thread.
+Caps live in Postgres (`tierfleet budgets set`), read by each worker every few seconds;
+with none set, nothing is read or written per attempt.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy import Connection, bindparam, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from tierfleet import constants as C
+from tierfleet.models import Budget, BudgetSpend
+
+FRONTIER_SCOPE = "frontier"
+FEATURE_PREFIX = "feature:"
+
+_CAPS = select(Budget.scope, Budget.daily_cap_usd)
+_SPEND = select(BudgetSpend.scope, BudgetSpend.spent_usd).where(
+    BudgetSpend.day == bindparam("p_day"),
+    BudgetSpend.scope.in_(bindparam("p_scopes", expanding=True)),
+)
+
+
+def feature_scope(feature: str) -> str:
+    return FEATURE_PREFIX + feature
+
+
+def today() -> dt.date:
+    return dt.datetime.now(dt.UTC).date()
+
+
+def seconds_to_next_day(now: dt.datetime | None = None) -> float:
+    now = now or dt.datetime.now(dt.UTC)
+    tomorrow = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.UTC)
+    return max(1.0, (tomorrow - now).total_seconds())
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    reason: str
+    delay_s: float
+
+
+class Budgets:
+    """The caps, cached per process for `refresh_s`."""
+
+    def __init__(self, refresh_s: float = 10.0, recheck_s: float = 60.0) -> None:
+        self.refresh_s = refresh_s
+        self.recheck_s = recheck_s
+        self._caps: dict[str, Decimal] = {}
+        self._loaded_at = -1e9
+        self._lock = threading.Lock()
+
+    def caps(self, conn: Connection) -> Mapping[str, Decimal]:
+        if time.monotonic() - self._loaded_at > self.refresh_s:
+            caps = {scope: Decimal(cap) for scope, cap in conn.execute(_CAPS)}
+            with self._lock:
+                self._caps, self._loaded_at = caps, time.monotonic()
+        return self._caps
+
+    def scopes(self, conn: Connection, feature: str, tier: str) -> list[str]:
+        """The capped scopes an attempt of `feature` on `tier` spends from."""
+        caps = self.caps(conn)
+        if not caps:
+            return []
+        out = [s for s in (feature_scope(feature),) if s in caps]
+        if tier == C.TIER_LADDER[-1] and FRONTIER_SCOPE in caps:
+            out.append(FRONTIER_SCOPE)
+        return out
+
+    def hold(self, conn: Connection, feature: str, tier: str) -> Hold | None:
+        """None when a frontier attempt of `feature` may spend; else why it waits."""
+        if tier != C.TIER_LADDER[-1]:
+            return None
+        scopes = self.scopes(conn, feature, tier)
+        if not scopes:
+            return None
+        caps = self.caps(conn)
+        spent = dict(conn.execute(_SPEND, {"p_day": today(), "p_scopes": scopes}).all())
+        for scope in scopes:
+            used = Decimal(spent.get(scope, 0))
+            if used >= caps[scope]:
+                name = "the frontier" if scope == FRONTIER_SCOPE else f"feature {scope[8:]!r}"
+                reason = (
+                    f"waiting: the daily budget of {name} is spent (${used:.4f} of "
+                    f"${caps[scope]:.4f} today); it resumes at 00:00 UTC or when the cap is "
+                    f"raised (tierfleet budgets set {scope} USD)"
+                )
+                return Hold(reason, min(self.recheck_s, seconds_to_next_day()))
+        return None
+
+    def add(self, conn: Connection, scopes: list[str], cost: Decimal) -> None:
+        if not scopes or not cost:
+            return
+        day = today()
+        ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(
+            BudgetSpend
+        )
+        upsert = ins.on_conflict_do_update(
+            index_elements=["scope", "day"],
+            set_={"spent_usd": BudgetSpend.spent_usd + ins.excluded.spent_usd},
+        )
+        conn.execute(upsert, [{"scope": s, "day": day, "spent_usd": cost} for s in scopes])
