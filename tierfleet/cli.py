@@ -170,6 +170,7 @@ app.command("reconcile")(cli_ops.reconcile)
 app.command("dead-letters")(cli_ops.dead_letters)
 app.command("depth")(cli_ops.depth)
 app.command("scale")(cli_ops.scale)
+app.command("report")(cli_ops.report)
 
 
 def main() -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from tierfleet import constants as C
 from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger, service_errors
 from tierfleet.errors import ConfigurationError, ServiceUnavailable
 
@@ -197,3 +200,69 @@ def scale(as_json: JsonFlag = False) -> None:
         )  # fmt: skip
     Console().print(table)
     err.print(f"drain target {settings.scale_drain_s:,.0f} s")
+
+
+def report(
+    since: Annotated[str, typer.Option(help="The window: 30m, 24h, 7d, 2w.")] = "7d",
+    by: Annotated[str, typer.Option(help="Group by feature, tier, model or batch.")] = "feature",
+    escalation_warning: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Warn about features escalating more.")
+    ] = 0.2,
+    html: Annotated[
+        Path | None, typer.Option(help="Also write a self-contained HTML page with charts.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """The FinOps report: spend, jobs, cost per succeeded job, escalation rate, frontier
+    share and savings against sending everything to the frontier, per group and in all,
+    with a warning for each feature whose escalation rate passes the threshold."""
+    from tierfleet.errors import InvalidEnvelope
+    from tierfleet.finops import build, parse_since
+    from tierfleet.prices import PriceBook
+
+    settings = load_settings()
+    try:
+        window = parse_since(since)
+        prices = PriceBook.load(settings.prices_file)
+        frontier = prices[settings.model_for(C.TIER_FRONTIER)]
+    except (InvalidEnvelope, ConfigurationError) as exc:
+        raise fail(str(exc), Exit.USAGE) from None
+    with open_ledger(settings) as ledger:
+        try:
+            rep = build(
+                ledger, since=window, by=by, frontier=frontier,
+                escalation_warning=escalation_warning,
+            )  # fmt: skip
+        except InvalidEnvelope as exc:
+            raise fail(str(exc), Exit.USAGE) from None
+    if html is not None:
+        from tierfleet.finops_html import render
+
+        try:
+            html.write_text(render(rep), encoding="utf-8")
+        except OSError as exc:
+            raise fail(f"{html}: {exc.strerror or exc}", Exit.USAGE) from None
+    if as_json:
+        print(json.dumps(rep.to_dict()))
+        return
+    saved = by in ("feature", "batch")
+    table = Table(by, "spend USD", "jobs", "per succeeded job", "escalation", "frontier share",
+                  *(["saved USD"] if saved else []))  # fmt: skip
+    for name, g in [*rep.groups.items(), ("all", rep.total)]:
+        per = g.cost_per_succeeded_usd
+        table.add_row(
+            name, f"{g.spend_usd:,.4f}", f"{g.jobs:,}", "—" if per is None else f"{per:,.6f}",
+            f"{g.escalation_rate:.1%}", f"{g.frontier_share:.1%}",
+            *([f"{g.savings_usd:,.4f} ({g.savings_pct:.0f}%)"] if saved else []),
+            end_section=name == list(rep.groups)[-1] if rep.groups else False,
+        )  # fmt: skip
+    Console().print(table)
+    t = rep.total
+    err.print(
+        f"{rep.since:%Y-%m-%d %H:%M} to {rep.until:%Y-%m-%d %H:%M} UTC: spent ${t.spend_usd:,.4f}, "
+        f"all-frontier ${t.baseline_usd:,.4f}, saved ${t.savings_usd:,.4f} ({t.savings_pct:.1f}%)"
+    )
+    for warning in rep.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
+    if html is not None:
+        err.print(f"wrote {html}")

@@ -1,0 +1,246 @@
+"""The FinOps report: what the fleet spent over a window, on what, and what it saved.
+
+From the ledger's attempts in the window (`created_at >= since`), streamed job by job:
+
+- spend, attempts and jobs per group (feature, tier, model or batch);
+- cost per succeeded job: the group's spend over its jobs that succeeded;
+- escalation rate: of the jobs that tried the small tier, the share that escalated;
+- frontier share: of the jobs attempted, the share whose first attempt was the frontier;
+- savings against the all-frontier counterfactual: what the same jobs would have cost
+  on the frontier model alone (a job that reached the frontier counts its frontier
+  attempts; a job answered lower down counts its first attempt's tokens at the frontier
+  model's prices), less what they cost.
+
+A feature whose escalation rate passes the threshold is named in `warnings`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from itertools import groupby
+from typing import Any
+
+from sqlalchemy import select
+
+from tierfleet import constants as C
+from tierfleet.constants import JobStatus, Outcome
+from tierfleet.db import Ledger
+from tierfleet.errors import InvalidEnvelope
+from tierfleet.models import Attempt, Job
+from tierfleet.prices import ModelPrice, Usage
+
+GROUPS = ("feature", "tier", "model", "batch")
+_ESCALATING = (Outcome.INVALID, Outcome.LOW_CONFIDENCE, Outcome.TIMEOUT)
+_DURATION = re.compile(r"^(\d+)([mhdw])$")
+_UNIT_S = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str) -> dt.timedelta:
+    """`30m`, `24h`, `7d`, `2w`."""
+    match = _DURATION.match(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise InvalidEnvelope(f"--since {text!r}: give a duration such as 30m, 24h, 7d or 2w")
+    return dt.timedelta(seconds=int(match.group(1)) * _UNIT_S[match.group(2)])
+
+
+@dataclass
+class Figures:
+    spend_usd: Decimal = Decimal(0)
+    baseline_usd: Decimal = Decimal(0)
+    attempts: int = 0
+    jobs: int = 0
+    succeeded: int = 0
+    tried_small: int = 0
+    escalated: int = 0
+    frontier_first: int = 0
+
+    @property
+    def savings_usd(self) -> Decimal:
+        return self.baseline_usd - self.spend_usd
+
+    @property
+    def savings_pct(self) -> float:
+        return float(self.savings_usd / self.baseline_usd * 100) if self.baseline_usd else 0.0
+
+    @property
+    def cost_per_succeeded_usd(self) -> Decimal | None:
+        return self.spend_usd / self.succeeded if self.succeeded else None
+
+    @property
+    def escalation_rate(self) -> float:
+        return self.escalated / self.tried_small if self.tried_small else 0.0
+
+    @property
+    def frontier_share(self) -> float:
+        return self.frontier_first / self.jobs if self.jobs else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        per = self.cost_per_succeeded_usd
+        return {
+            "spend_usd": str(self.spend_usd),
+            "baseline_usd": str(self.baseline_usd),
+            "savings_usd": str(self.savings_usd),
+            "savings_pct": round(self.savings_pct, 2),
+            "attempts": self.attempts,
+            "jobs": self.jobs,
+            "succeeded": self.succeeded,
+            "cost_per_succeeded_job_usd": None
+            if per is None
+            else str(per.quantize(Decimal("1e-8"))),
+            "escalation_rate": round(self.escalation_rate, 4),
+            "frontier_share": round(self.frontier_share, 4),
+        }
+
+
+@dataclass
+class Report:
+    since: dt.datetime
+    until: dt.datetime
+    by: str
+    groups: dict[str, Figures]
+    total: Figures
+    # spend per day and tier, for the chart: {"2026-12-01": {"slm": Decimal, ...}}
+    daily: dict[str, dict[str, Decimal]] = field(default_factory=dict)
+    escalation_by_feature: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "since": self.since.isoformat(),
+            "until": self.until.isoformat(),
+            "by": self.by,
+            "groups": {k: v.to_dict() for k, v in self.groups.items()},
+            "total": self.total.to_dict(),
+            "daily_spend_usd": {
+                d: {t: str(v) for t, v in tiers.items()} for d, tiers in self.daily.items()
+            },
+            "escalation_rate_by_feature": self.escalation_by_feature,
+            "warnings": self.warnings,
+        }
+
+
+def build(
+    ledger: Ledger,
+    *,
+    since: dt.timedelta,
+    by: str,
+    frontier: ModelPrice,
+    escalation_warning: float = 0.2,
+    now: dt.datetime | None = None,
+) -> Report:
+    if by not in GROUPS:
+        raise InvalidEnvelope(f"--by {by!r}: one of {', '.join(GROUPS)}")
+    until = now or dt.datetime.now(dt.UTC)
+    start = until - since
+    groups: dict[str, Figures] = defaultdict(Figures)
+    features: dict[str, Figures] = defaultdict(Figures)
+    total = Figures()
+    daily: dict[str, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
+    for job, tried in _jobs_with_attempts(ledger, start):
+        touched: dict[str, Figures] = {}
+        for a in tried:
+            g = touched.setdefault(_key(by, job, a), groups[_key(by, job, a)])
+            g.spend_usd += a.cost_usd
+            g.attempts += 1
+            daily[_aware(a.created_at).date().isoformat()][a.tier] += a.cost_usd
+        j = _job_figures(job, tried, frontier)
+        total.spend_usd += j.spend
+        total.attempts += len(tried)
+        of_feature = features[job["feature"]]
+        for g in {id(x): x for x in (*touched.values(), total, of_feature)}.values():
+            _count(g, j, baseline=by in ("feature", "batch") or g is total)
+    report = Report(start, until, by, dict(sorted(groups.items())), total)
+    report.daily = {d: dict(t) for d, t in sorted(daily.items())}
+    report.escalation_by_feature = {
+        f: round(v.escalation_rate, 4) for f, v in sorted(features.items()) if v.tried_small
+    }
+    for f, rate in report.escalation_by_feature.items():
+        if rate > escalation_warning:
+            report.warnings.append(
+                f"feature {f!r}: {rate:.0%} of its small-tier jobs escalated "
+                f"(above {escalation_warning:.0%}): they pay for two calls"
+            )
+    return report
+
+
+@dataclass(frozen=True, slots=True)
+class _JobFigures:
+    spend: Decimal
+    baseline: Decimal
+    succeeded: bool
+    tried_small: bool
+    escalated: bool
+    frontier_first: bool
+
+
+def _job_figures(job: dict[str, Any], tried: list[Any], frontier: ModelPrice) -> _JobFigures:
+    top, small = C.TIER_LADDER[-1], C.TIER_LADDER[0]
+    on_frontier = [a for a in tried if a.tier == top]
+    if on_frontier:
+        baseline = sum((a.cost_usd for a in on_frontier), Decimal(0))
+    else:
+        first = tried[0]
+        baseline = frontier.cost_usd(Usage(first.input_tokens, first.output_tokens))
+    return _JobFigures(
+        spend=sum((a.cost_usd for a in tried), Decimal(0)),
+        baseline=baseline,
+        succeeded=job["status"] == JobStatus.SUCCEEDED,
+        tried_small=any(a.tier == small for a in tried),
+        escalated=any(a.tier == small and a.outcome in _ESCALATING for a in tried),
+        frontier_first=tried[0].tier == top,
+    )
+
+
+def _count(g: Figures, j: _JobFigures, *, baseline: bool) -> None:
+    """A job's counts on a group it touched. The counterfactual is a job's, so it is kept
+    for groups of whole jobs (feature, batch) and the total, not per tier or model."""
+    g.jobs += 1
+    g.succeeded += j.succeeded
+    g.tried_small += j.tried_small
+    g.escalated += j.escalated
+    g.frontier_first += j.frontier_first
+    if baseline:
+        g.baseline_usd += j.baseline
+
+
+def _key(by: str, job: dict[str, Any], a: Any) -> str:
+    if by == "feature":
+        return str(job["feature"])
+    if by == "tier":
+        return str(a.tier)
+    if by == "model":
+        return str(a.model)
+    return str(job["batch_id"] or "(no batch)")
+
+
+def _jobs_with_attempts(
+    ledger: Ledger, start: dt.datetime
+) -> Iterator[tuple[dict[str, Any], list[Any]]]:
+    query = (
+        select(
+            Attempt.job_id, Attempt.seq, Attempt.tier, Attempt.model, Attempt.outcome,
+            Attempt.cost_usd, Attempt.input_tokens, Attempt.output_tokens, Attempt.created_at,
+            Job.feature, Job.status, Job.batch_id,
+        )
+        .join(Job, Job.id == Attempt.job_id)
+        .where(Attempt.created_at >= start)
+        .order_by(Attempt.job_id, Attempt.seq)
+    )  # fmt: skip
+    with ledger.engine.connect() as conn:
+        rows = conn.execution_options(yield_per=5000).execute(query)
+        for _, group in groupby(rows, key=lambda r: r.job_id):
+            tried = list(group)
+            first = tried[0]
+            yield (
+                {"feature": first.feature, "status": first.status, "batch_id": first.batch_id},
+                tried,
+            )
+
+
+def _aware(when: dt.datetime) -> dt.datetime:
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
