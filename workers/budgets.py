@@ -20,20 +20,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
 
 from tierfleet import constants as C
-from tierfleet.models import Budget, BudgetSpend
+from tierfleet.models import BudgetSpend
+from workers import sql
 
 FRONTIER_SCOPE = "frontier"
 FEATURE_PREFIX = "feature:"
-
-_CAPS = select(Budget.scope, Budget.daily_cap_usd)
-_SPEND = select(BudgetSpend.scope, BudgetSpend.spent_usd).where(
-    BudgetSpend.day == bindparam("p_day"),
-    BudgetSpend.scope.in_(bindparam("p_scopes", expanding=True)),
-)
 
 
 def feature_scope(feature: str) -> str:
@@ -68,7 +63,7 @@ class Budgets:
 
     def caps(self, conn: Connection) -> Mapping[str, Decimal]:
         if time.monotonic() - self._loaded_at > self.refresh_s:
-            caps = {scope: Decimal(cap) for scope, cap in conn.execute(_CAPS)}
+            caps = {scope: Decimal(cap) for scope, cap in conn.execute(sql.BUDGET_CAPS)}
             with self._lock:
                 self._caps, self._loaded_at = caps, time.monotonic()
         return self._caps
@@ -91,7 +86,7 @@ class Budgets:
         if not scopes:
             return None
         caps = self.caps(conn)
-        spent = dict(conn.execute(_SPEND, {"p_day": today(), "p_scopes": scopes}).all())
+        spent = dict(conn.execute(sql.BUDGET_SPEND, {"p_day": today(), "p_scopes": scopes}).all())
         for scope in scopes:
             used = Decimal(spent.get(scope, 0))
             if used >= caps[scope]:

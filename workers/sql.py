@@ -13,7 +13,7 @@ from sqlalchemy import and_, bindparam, case, func, insert, not_, null, or_, sel
 from sqlalchemy.dialects import postgresql, sqlite
 
 from tierfleet.constants import TERMINAL_STATUSES, JobStatus, Outcome
-from tierfleet.models import Attempt, Batch, DeadLetter, Job
+from tierfleet.models import Attempt, Batch, Budget, BudgetSpend, DeadLetter, Job
 
 _job = Job.__table__.c
 _batch = Batch.__table__.c
@@ -244,3 +244,11 @@ def upsert_abandoned(dialect: str) -> Any:
     return stmt.on_conflict_do_update(
         index_elements=["id"], set_={name: stmt.excluded[name] for name in usage}
     )
+
+
+# Daily budgets (`workers/budgets.py`): the caps, and today's spend of some scopes.
+BUDGET_CAPS = select(Budget.scope, Budget.daily_cap_usd)
+BUDGET_SPEND = select(BudgetSpend.scope, BudgetSpend.spent_usd).where(
+    BudgetSpend.day == bindparam("p_day"),
+    BudgetSpend.scope.in_(bindparam("p_scopes", expanding=True)),
+)
