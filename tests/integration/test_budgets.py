@@ -5,23 +5,23 @@ a feature's cap counts its small-tier spend too but holds only frontier calls.""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from tests.integration.test_steps import GOOD, new_job, script
+from tests.integration.test_steps import (
+    GOOD,
+    InFlightTogether,
+    attempt_concurrently,
+    new_job,
+    script,
+)
 from tierfleet.cli import app
 from tierfleet.constants import JobStatus
-from tierfleet.db import Ledger
-from tierfleet.envelope import JobSpec
 from tierfleet.models import Attempt, BudgetSpend, Job
 from tierfleet.settings import Settings
-from tierfleet.transport import make_celery
-from workers.backends.base import Completion
 from workers.execute import Next, attempt_job, triage_job
 from workers.runtime import Runtime
 
@@ -31,13 +31,9 @@ WORKERS = 8
 
 
 @pytest.fixture
-def rt(settings: Settings, ledger: Ledger) -> Iterator[Runtime]:
-    celery = make_celery(settings)
-    runtime = Runtime.build(settings, celery, ledger)
-    runtime.budgets.refresh_s = 0.0  # a cap set by the CLI is seen at once
-    yield runtime
-    runtime.close()
-    celery.close()
+def rt(rt: Runtime) -> Runtime:
+    rt.budgets.refresh_s = 0.0  # a cap set by the CLI is seen at once
+    return rt
 
 
 def per_call(rt: Runtime, tier: str) -> Decimal:
@@ -49,24 +45,6 @@ def set_cap(scope: str, usd: Decimal | str) -> None:
     assert result.exit_code == 0, result.output
 
 
-class InFlight:
-    """A backend whose first `WORKERS` calls are all in flight together."""
-
-    def __init__(self, rt: Runtime, tier: str) -> None:
-        self.tier, self.model, self.provider = tier, rt.settings.model_for(tier), "scripted"
-        self.calls = 0
-        self._lock = threading.Lock()
-        self.together = threading.Barrier(WORKERS)
-
-    def complete(self, job: JobSpec, *, timeout_s: float) -> Completion:
-        with self._lock:
-            self.calls += 1
-            first = self.calls <= WORKERS
-        if first:
-            self.together.wait(timeout=30)
-        return GOOD
-
-
 def frontier_jobs(rt: Runtime, n: int, feature: str = "reports") -> list[str]:
     ids = [
         new_job(rt, route="frontier", feature=feature, prompt=f"Summarise {i}") for i in range(n)
@@ -76,37 +54,16 @@ def frontier_jobs(rt: Runtime, n: int, feature: str = "reports") -> list[str]:
     return ids
 
 
-def run_all(rt: Runtime, ids: list[str]) -> dict[str, Next | None]:
-    todo = list(ids)
-    lock = threading.Lock()
-    out: dict[str, Next | None] = {}
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if not todo:
-                    return
-                job_id = todo.pop(0)
-            out[job_id] = attempt_job(rt, job_id, "frontier")
-
-    threads = [threading.Thread(target=worker) for _ in range(WORKERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    return out
-
-
 def test_eight_workers_overshoot_a_frontier_cap_by_their_calls_in_flight_at_most(
     rt: Runtime,
 ) -> None:
     one = per_call(rt, "frontier")
     cap = one * 3
     set_cap("frontier", cap)
-    backend = InFlight(rt, "frontier")
+    backend = InFlightTogether(rt, "frontier", WORKERS)
     rt.backends["frontier"] = backend
     ids = frontier_jobs(rt, 40)
-    steps = run_all(rt, ids)
+    steps = attempt_concurrently(rt, ids, "frontier", WORKERS)
 
     with rt.ledger.session() as s:
         spent = s.execute(

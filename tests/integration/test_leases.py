@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,26 +20,14 @@ from tests.conftest import StatsdListener, wait_until
 from tests.integration.test_steps import GOOD, ScriptedBackend, new_job, script
 from tierfleet import constants as C
 from tierfleet.constants import JobStatus, Outcome
-from tierfleet.db import Ledger
 from tierfleet.envelope import JobSpec
 from tierfleet.models import Attempt, Batch, Job
-from tierfleet.settings import Settings
-from tierfleet.transport import make_celery
 from workers.backends.base import Completion
 from workers.execute import attempt_job, triage_job
 from workers.reconcile import reconcile
 from workers.runtime import Runtime
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def rt(settings: Settings, ledger: Ledger) -> Iterator[Runtime]:
-    celery = make_celery(settings)
-    runtime = Runtime.build(settings, celery, ledger)
-    yield runtime
-    celery.close()
-    runtime.metrics.close()
 
 
 class DuringCall(ScriptedBackend):

@@ -8,7 +8,6 @@ import datetime as dt
 import json
 import math
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -20,26 +19,14 @@ from tests.integration.test_steps import new_job
 from tierfleet import constants as C
 from tierfleet.cli import app
 from tierfleet.constants import JobStatus, Outcome
-from tierfleet.db import Ledger
 from tierfleet.metrics import Metrics
 from tierfleet.models import Attempt, Job
-from tierfleet.settings import Settings
-from tierfleet.transport import make_celery
 from workers import depth as queue_depth
 from workers import scale
 from workers.broker import PRIORITY_SEP
 from workers.runtime import Runtime
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def rt(settings: Settings, ledger: Ledger) -> Iterator[Runtime]:
-    celery = make_celery(settings)
-    runtime = Runtime.build(settings, celery, ledger)
-    yield runtime
-    runtime.close()
-    celery.close()
 
 
 def _unacked(r: redis.Redis, queue: str, n: int) -> None:

@@ -5,18 +5,14 @@ rebuilds the same memory from the ledger."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
 from tests.integration.test_steps import BAD, GOOD, new_job, script
 from tierfleet.cli import app
-from tierfleet.db import Ledger
 from tierfleet.models import Job
 from tierfleet.settings import Settings
-from tierfleet.transport import make_celery
 from workers.execute import Next, attempt_job, triage_job
 from workers.router.memory import RedisMemory
 from workers.router.router import LearnedRouter
@@ -26,15 +22,11 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def rt(settings: Settings, ledger: Ledger) -> Iterator[Runtime]:
-    celery = make_celery(settings)
-    runtime = Runtime.build(settings, celery, ledger)
-    assert isinstance(runtime.triage.scorer, LearnedRouter)
-    assert isinstance(runtime.triage.scorer.memory, RedisMemory)
-    runtime.triage.scorer.memory.refresh_s = 0.0  # read what was just learnt
-    yield runtime
-    runtime.close()
-    celery.close()
+def rt(rt: Runtime) -> Runtime:
+    assert isinstance(rt.triage.scorer, LearnedRouter)
+    assert isinstance(rt.triage.scorer.memory, RedisMemory)
+    rt.triage.scorer.memory.refresh_s = 0.0  # read what was just learnt
+    return rt
 
 
 def run(rt: Runtime, job_id: str) -> str:

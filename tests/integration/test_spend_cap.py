@@ -6,8 +6,6 @@ thread."""
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -17,27 +15,13 @@ from sqlalchemy import func, select
 from producers import bulk
 from producers.batches import status as batch_status
 from producers.jsonl import open_input
-from tests.integration.test_steps import GOOD, script
+from tests.integration.test_steps import GOOD, InFlightTogether, attempt_concurrently, script
 from tierfleet.constants import JobStatus, Outcome
-from tierfleet.db import Ledger
-from tierfleet.envelope import JobSpec
 from tierfleet.models import Attempt, Batch, Job
-from tierfleet.settings import Settings
-from tierfleet.transport import make_celery
-from workers.backends.base import Completion
 from workers.execute import attempt_job, triage_job
 from workers.runtime import Runtime
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def rt(settings: Settings, ledger: Ledger) -> Iterator[Runtime]:
-    celery = make_celery(settings)
-    runtime = Runtime.build(settings, celery, ledger)
-    yield runtime
-    celery.close()
-    runtime.metrics.close()
 
 
 def submit(rt: Runtime, tmp_path: Path, jobs: int, cap: Decimal | None) -> str:
@@ -114,24 +98,6 @@ def test_a_batch_without_a_cap_keeps_no_running_spend(rt: Runtime, tmp_path: Pat
         assert done.scalar_one() == 3
 
 
-class Gate:
-    """A backend whose calls wait until `release` (so that many are in flight at once)."""
-
-    def __init__(self, rt: Runtime, threads: int) -> None:
-        self.tier, self.model, self.provider = "slm", rt.settings.model_for("slm"), "scripted"
-        self.calls = 0
-        self._lock = threading.Lock()
-        self.in_flight = threading.Barrier(threads)
-
-    def complete(self, job: JobSpec, *, timeout_s: float) -> Completion:
-        with self._lock:
-            self.calls += 1
-            first_round = self.calls <= self.in_flight.parties
-        if first_round:
-            self.in_flight.wait(timeout=30)  # all threads' first calls in flight together
-        return GOOD
-
-
 def test_concurrent_workers_overshoot_the_cap_by_their_calls_in_flight_at_most(
     rt: Runtime, tmp_path: Path
 ) -> None:
@@ -142,24 +108,9 @@ def test_concurrent_workers_overshoot_the_cap_by_their_calls_in_flight_at_most(
     ids = job_ids(rt, batch_id)
     for job_id in ids:
         triage_job(rt, job_id)
-    gate = Gate(rt, threads)
+    gate = InFlightTogether(rt, "slm", threads)
     rt.backends["slm"] = gate
-    todo = list(ids)
-    lock = threading.Lock()
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if not todo:
-                    return
-                job_id = todo.pop(0)
-            attempt_job(rt, job_id, "slm")
-
-    pool = [threading.Thread(target=worker) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join(timeout=60)
+    attempt_concurrently(rt, ids, "slm", threads)
 
     with rt.ledger.session() as s:
         counts = dict(

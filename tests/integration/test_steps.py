@@ -6,21 +6,18 @@ and the ledger."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import threading
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from tierfleet.constants import JobStatus, Outcome
-from tierfleet.db import Ledger
 from tierfleet.envelope import JobSpec, parse_envelope
 from tierfleet.errors import ProviderOverloaded, ProviderTimeout, RateLimited
 from tierfleet.models import Attempt, Job
 from tierfleet.prices import Usage
-from tierfleet.settings import Settings
 from tierfleet.store import get_job, insert_job
-from tierfleet.transport import make_celery
 from workers.backends.base import Completion
 from workers.execute import Next, attempt_job, triage_job
 from workers.runtime import Runtime
@@ -48,13 +45,48 @@ class ScriptedBackend:
         return step
 
 
-@pytest.fixture
-def rt(settings: Settings, ledger: Ledger) -> Iterator[Runtime]:
-    celery = make_celery(settings)
-    runtime = Runtime.build(settings, celery, ledger)
-    yield runtime
-    celery.close()
-    runtime.metrics.close()
+class InFlightTogether:
+    """A `ModelBackend` whose first `n` calls are all in flight at once (each waits for
+    the others), then answer GOOD: `n` workers calling concurrently, for real."""
+
+    def __init__(self, rt: Runtime, tier: str, n: int) -> None:
+        self.tier, self.model, self.provider = tier, rt.settings.model_for(tier), "scripted"
+        self.calls = 0
+        self._lock = threading.Lock()
+        self._together = threading.Barrier(n)
+
+    def complete(self, job: JobSpec, *, timeout_s: float) -> Completion:
+        with self._lock:
+            self.calls += 1
+            first_round = self.calls <= self._together.parties
+        if first_round:
+            self._together.wait(timeout=30)
+        return GOOD
+
+
+def attempt_concurrently(
+    rt: Runtime, job_ids: list[str], tier: str, workers: int
+) -> dict[str, Next | None]:
+    """Run each job's attempt on `tier`, `workers` threads taking jobs in turn, as that
+    many worker threads would; each job's returned step."""
+    todo = list(job_ids)
+    lock = threading.Lock()
+    out: dict[str, Next | None] = {}
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                job_id = todo.pop(0)
+            out[job_id] = attempt_job(rt, job_id, tier)
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return out
 
 
 def script(rt: Runtime, tier: str, *steps: Any) -> ScriptedBackend:
