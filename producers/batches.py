@@ -13,7 +13,7 @@ from sqlalchemy import distinct, func, select, update
 
 from tierfleet import constants as C
 from tierfleet.constants import JobStatus
-from tierfleet.db import Ledger
+from tierfleet.db import Ledger, utc
 from tierfleet.errors import JobNotFound
 from tierfleet.models import Attempt, Batch, Job
 
@@ -111,7 +111,7 @@ def status(ledger: Ledger, batch_id: str) -> BatchStatus:
         spend_cap_usd=batch.spend_cap_usd,
         cancelled=batch.cancelled_at is not None,
     )
-    age_s = max(1.0, (now - _aware(batch.created_at)).total_seconds()) if batch.created_at else 1
+    age_s = max(1.0, (now - utc(batch.created_at)).total_seconds()) if batch.created_at else 1
     out.jobs_per_s = recent / min(RATE_WINDOW_S, age_s)
     remaining = out.jobs - out.done
     out.eta_s = (
@@ -120,10 +120,6 @@ def status(ledger: Ledger, batch_id: str) -> BatchStatus:
         else (0.0 if not remaining else None)
     )
     return out
-
-
-def _aware(when: dt.datetime) -> dt.datetime:
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 def results(ledger: Ledger, batch_id: str) -> Iterator[dict[str, Any]]:

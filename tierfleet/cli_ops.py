@@ -123,8 +123,8 @@ def dead_letters(
 def _broker_client(settings: Settings) -> redis.Redis:
     import redis
 
-    url = settings.redis_url_value()
-    if not url or not url.startswith(("redis://", "rediss://", "unix://")):
+    url = settings.real_redis_url()
+    if url is None:
         raise fail("depth and scale read Redis: set REDIS_URL", Exit.USAGE)
     return redis.Redis.from_url(url, socket_timeout=5)
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger
-from tierfleet.errors import ConfigurationError, InvalidEnvelope
+from tierfleet.errors import InvalidEnvelope
 
 triage_app = typer.Typer(help="The triage router: evaluate it, rebuild it.", no_args_is_help=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
@@ -81,13 +81,10 @@ def retrain(as_json: JsonFlag = False) -> None:
     from workers.router.retrain import rebuild
 
     settings = load_settings()
-    url = settings.redis_url_value()
-    if not url or not url.startswith(("redis://", "rediss://", "unix://")):
+    url = settings.real_redis_url()
+    if url is None:
         raise fail("retrain needs REDIS_URL: the router's memory lives in Redis", Exit.USAGE)
-    try:
-        memory = RedisMemory.from_url(url)
-    except ConfigurationError as exc:
-        raise fail(str(exc), Exit.USAGE) from None
+    memory = RedisMemory.from_url(url)
     with open_ledger(settings) as ledger:
         try:
             report = rebuild(ledger, memory, progress=not as_json)

@@ -90,3 +90,7 @@ class Outcome(enum.StrEnum):
     ERROR = "error"  # a transient provider fault (429, 529, 5xx, connection)
     FAILED = "failed"  # a permanent fault (bad request, auth)
     ABANDONED = "abandoned"  # its worker was lost mid-call (lease expired); not applied
+
+
+# A small-tier attempt with one of these outcomes escalates the job (the router's label).
+ESCALATING_OUTCOMES: Final = frozenset({Outcome.INVALID, Outcome.LOW_CONFIDENCE, Outcome.TIMEOUT})

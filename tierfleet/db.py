@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tierfleet.errors import ConfigurationError, ServiceUnavailable
 from tierfleet.resources import migrations_dir
 from tierfleet.settings import Settings, redact_url
+
+
+def utc(when: dt.datetime) -> dt.datetime:
+    """A timestamp read back from the ledger, timezone-aware: SQLite hands back naive UTC."""
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def ledger_unavailable(exc: BaseException) -> bool:
+    """The database did not answer (refused, dropped, timed out): wait and try again. Any
+    other database error is a bug or bad data, and trying again will not help."""
+    return isinstance(exc, DBAPIError) and (
+        exc.connection_invalidated or isinstance(exc, OperationalError)
+    )
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

@@ -28,14 +28,14 @@ from typing import Any
 from sqlalchemy import select
 
 from tierfleet import constants as C
-from tierfleet.constants import JobStatus, Outcome
-from tierfleet.db import Ledger
+from tierfleet.constants import JobStatus
+from tierfleet.db import Ledger, utc
 from tierfleet.errors import InvalidEnvelope
 from tierfleet.models import Attempt, Job
-from tierfleet.prices import ModelPrice, Usage
+from tierfleet.prices import ModelPrice
+from tierfleet.report import all_frontier_usd
 
 GROUPS = ("feature", "tier", "model", "batch")
-_ESCALATING = (Outcome.INVALID, Outcome.LOW_CONFIDENCE, Outcome.TIMEOUT)
 _DURATION = re.compile(r"^(\d+)([mhdw])$")
 _UNIT_S = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -147,7 +147,7 @@ def build(
             g = touched.setdefault(_key(by, job, a), groups[_key(by, job, a)])
             g.spend_usd += a.cost_usd
             g.attempts += 1
-            daily[_aware(a.created_at).date().isoformat()][a.tier] += a.cost_usd
+            daily[utc(a.created_at).date().isoformat()][a.tier] += a.cost_usd
         j = _job_figures(job, tried, frontier)
         total.spend_usd += j.spend
         total.attempts += len(tried)
@@ -180,18 +180,12 @@ class _JobFigures:
 
 def _job_figures(job: dict[str, Any], tried: list[Any], frontier: ModelPrice) -> _JobFigures:
     top, small = C.TIER_LADDER[-1], C.TIER_LADDER[0]
-    on_frontier = [a for a in tried if a.tier == top]
-    if on_frontier:
-        baseline = sum((a.cost_usd for a in on_frontier), Decimal(0))
-    else:
-        first = tried[0]
-        baseline = frontier.cost_usd(Usage(first.input_tokens, first.output_tokens))
     return _JobFigures(
         spend=sum((a.cost_usd for a in tried), Decimal(0)),
-        baseline=baseline,
+        baseline=all_frontier_usd(tried, frontier, top),
         succeeded=job["status"] == JobStatus.SUCCEEDED,
         tried_small=any(a.tier == small for a in tried),
-        escalated=any(a.tier == small and a.outcome in _ESCALATING for a in tried),
+        escalated=any(a.tier == small and a.outcome in C.ESCALATING_OUTCOMES for a in tried),
         frontier_first=tried[0].tier == top,
     )
 
@@ -240,7 +234,3 @@ def _jobs_with_attempts(
                 {"feature": first.feature, "status": first.status, "batch_id": first.batch_id},
                 tried,
             )
-
-
-def _aware(when: dt.datetime) -> dt.datetime:
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)

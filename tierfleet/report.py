@@ -8,8 +8,10 @@ counts its first attempt's tokens at the frontier model's prices.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -78,14 +80,21 @@ def batch_report(
         row.first_tier[tried[0].tier] += 1
         row.escalated += len({a.tier for a in tried}) > 1
         row.cost_usd += sum((a.cost_usd for a in tried), Decimal(0))
-        on_frontier = [a for a in tried if a.tier == frontier_tier]
-        if on_frontier:
-            row.baseline_usd += sum((a.cost_usd for a in on_frontier), Decimal(0))
-        else:
-            first = tried[0]
-            usage = Usage(input_tokens=first.input_tokens, output_tokens=first.output_tokens)
-            row.baseline_usd += frontier.cost_usd(usage)
+        row.baseline_usd += all_frontier_usd(tried, frontier, frontier_tier)
     return dict(sorted(rows.items()))
+
+
+def all_frontier_usd(tried: Sequence[Any], frontier: ModelPrice, frontier_tier: str) -> Decimal:
+    """What one job would have cost on the frontier alone, from its attempts in order: its
+    frontier attempts if it reached the frontier, else its first attempt's tokens at the
+    frontier model's prices."""
+    on_frontier = [a for a in tried if a.tier == frontier_tier]
+    if on_frontier:
+        return sum((a.cost_usd for a in on_frontier), Decimal(0))
+    first = tried[0]
+    return frontier.cost_usd(
+        Usage(input_tokens=first.input_tokens, output_tokens=first.output_tokens)
+    )
 
 
 def total(rows: dict[str, Row]) -> Row:

@@ -195,6 +195,12 @@ class Settings(BaseSettings):
     def redis_url_value(self) -> str | None:
         return self.redis_url.get_secret_value() if self.redis_url else None
 
+    def real_redis_url(self) -> str | None:
+        """REDIS_URL when the broker is a Redis server (not the demo's in-process one):
+        what the reconciler, the depth readings and the router's memory need."""
+        url = self.redis_url_value()
+        return url if url and url.startswith(("redis://", "rediss://", "unix://")) else None
+
 
 def env_names() -> dict[str, str]:
     """Setting name -> the environment variable that sets it."""

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import case, func, null, select
 
 from tierfleet import constants as C
 from tierfleet.constants import JobStatus
-from tierfleet.db import Ledger
+from tierfleet.db import Ledger, utc
 from tierfleet.metrics import Metrics
 from tierfleet.models import Job
 from tierfleet.settings import Settings
@@ -67,19 +67,17 @@ def read(settings: Settings, ledger: Ledger, client: redis.Redis, *, vllm: bool 
     layout = queues_of(settings)
     broker = held(client, [q for q, _, _ in layout])
     now = dt.datetime.now(dt.UTC)
+    stage = case((Job.status == JobStatus.QUEUED, null()), else_=Job.tier)  # None: triage
     waiting = (
-        select(Job.status, Job.tier, func.count(), func.min(Job.updated_at))
+        select(stage, func.count(), func.min(Job.updated_at))
         .where(Job.status.in_([JobStatus.QUEUED, JobStatus.TRIAGED]))
-        .group_by(Job.status, Job.tier)
+        .group_by(stage)
     )
-    by_stage: dict[str | None, tuple[int, dt.datetime | None]] = {}
     with ledger.begin() as conn:
-        for status, tier, count, oldest in conn.execute(waiting):
-            key = None if status == JobStatus.QUEUED else tier
-            n, first = by_stage.get(key, (0, None))
-            if first is None or (oldest is not None and _aware(oldest) < first):
-                first = _aware(oldest) if oldest is not None else first
-            by_stage[key] = (n + count, first)
+        by_stage = {
+            tier: (count, None if oldest is None else utc(oldest))
+            for tier, count, oldest in conn.execute(waiting)
+        }
     out = []
     for queue, pool, tier in layout:
         n, first = by_stage.get(tier, (0, None))
@@ -114,7 +112,3 @@ def publish(depth: Depth, metrics: Metrics) -> None:
     if depth.vllm is not None:
         metrics.gauge(C.METRIC_VLLM_WAITING, depth.vllm.get("waiting", 0.0), ["tier:slm"])
         metrics.gauge(C.METRIC_VLLM_RUNNING, depth.vllm.get("running", 0.0), ["tier:slm"])
-
-
-def _aware(when: dt.datetime) -> dt.datetime:
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)

@@ -21,10 +21,11 @@ from typing import Any, TypeVar
 import orjson
 import redis
 from sqlalchemy import Connection
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from tierfleet import constants as C
 from tierfleet.constants import JobStatus, Outcome
+from tierfleet.db import ledger_unavailable, utc
 from tierfleet.envelope import DEFAULT_MAX_TOKENS, JobSpec
 from tierfleet.errors import (
     InvalidOutput,
@@ -507,9 +508,7 @@ def _with_ledger_retry(rt: Runtime, job_id: str, write: Callable[[], _T]) -> _T:
         try:
             return write()
         except DBAPIError as exc:
-            if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
-                raise
-            if time.monotonic() + delay > deadline:
+            if not ledger_unavailable(exc) or time.monotonic() + delay > deadline:
                 raise
             log.warning(
                 "ledger unavailable; holding the answer",
@@ -614,9 +613,7 @@ def _duration_ms(created_at: dt.datetime) -> int:
 
 
 def _ms_since(moment: dt.datetime) -> int:
-    if moment.tzinfo is None:  # SQLite hands back naive UTC
-        moment = moment.replace(tzinfo=dt.UTC)
-    return max(0, round((_now() - moment).total_seconds() * 1000))
+    return max(0, round((_now() - utc(moment)).total_seconds() * 1000))
 
 
 def _s(seconds: float) -> dt.timedelta:

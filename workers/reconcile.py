@@ -43,8 +43,8 @@ def reconcile(
     send_attempt: Callable[[Runtime, list[tuple[str, str]]], None],
 ) -> dict[str, int]:
     """One pass. Returns how many jobs were re-driven, by the stage they were in."""
-    url = rt.settings.redis_url_value()
-    if url is None or not url.startswith(("redis://", "rediss://", "unix://")):
+    url = rt.settings.real_redis_url()
+    if url is None:
         return {}  # the in-process broker loses nothing it is not told to
     settings = rt.settings
     now = dt.datetime.now(dt.UTC)

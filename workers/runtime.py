@@ -112,12 +112,8 @@ def make_scorer(settings: Settings) -> Scorer:
     from workers.router.memory import LocalMemory, Memory, RedisMemory
     from workers.router.router import LearnedRouter, Target, Targets
 
-    url = settings.redis_url_value()
-    memory: Memory
-    if url and url.startswith(("redis://", "rediss://", "unix://")):
-        memory = RedisMemory.from_url(url)
-    else:
-        memory = LocalMemory()
+    url = settings.real_redis_url()
+    memory: Memory = RedisMemory.from_url(url) if url is not None else LocalMemory()
     default = Target(
         frontier_share=settings.triage_frontier_share,
         max_escalation_rate=settings.triage_max_escalation_rate,

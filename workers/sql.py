@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, case, func, insert, not_, null, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from tierfleet.constants import TERMINAL_STATUSES, JobStatus, Outcome
+from tierfleet.constants import ESCALATING_OUTCOMES, TERMINAL_STATUSES, JobStatus, Outcome
 from tierfleet.models import Attempt, Batch, Budget, BudgetSpend, DeadLetter, Job
 
 _job = Job.__table__.c
@@ -205,7 +205,7 @@ SMALL_TIER_FAILED = select(func.count()).where(
     Attempt.job_id == _p("p_id"),
     Attempt.tier == _p("p_tier", Attempt.__table__.c.tier),
     Attempt.seq > _p("p_floor", Attempt.__table__.c.seq),
-    Attempt.outcome.in_([Outcome.INVALID, Outcome.LOW_CONFIDENCE, Outcome.TIMEOUT]),
+    Attempt.outcome.in_(list(ESCALATING_OUTCOMES)),
 )
 COUNT_ABANDONED = select(func.count()).where(
     Attempt.job_id == _p("p_id"),

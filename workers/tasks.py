@@ -15,9 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task, shared_task
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from tierfleet import constants as C
+from tierfleet.db import ledger_unavailable
 from workers.execute import Next, attempt_job, dead_letter, triage_job
 from workers.execute import triage_range as triage_range_job
 from workers.reconcile import reconcile as reconcile_jobs
@@ -47,7 +48,7 @@ def _guarded(task: Task, job_id: str | None, step: Callable[[Runtime], None]) ->
     try:
         step(rt)
     except DBAPIError as exc:
-        if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
+        if not ledger_unavailable(exc):
             _error(task, rt, job_id, exc, retries)
             return
         log.warning(
@@ -130,8 +131,8 @@ def depth(self: Task) -> None:
     from workers import scale
 
     rt = runtime()
-    url = rt.settings.redis_url_value()
-    if url is None or not url.startswith(("redis://", "rediss://", "unix://")):
+    url = rt.settings.real_redis_url()
+    if url is None:
         return
     client = redis.Redis.from_url(url)
     try:

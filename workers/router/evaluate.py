@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tierfleet.errors import InvalidEnvelope
-from workers.router.memory import LocalMemory
+from workers.router.memory import LocalMemory, Outcome
 from workers.router.metrics import auroc, gap_curve
 from workers.router.router import LearnedRouter
 
@@ -148,13 +148,10 @@ def evaluate(
 
 
 def _learn(router: LearnedRouter, row: EvalRow, score: float) -> None:
-    from workers.router.memory import Outcome
-
     prior = router.prior.score(row.prompt)
-    escalated = not row.small_ok
-    router.memory.learn(Outcome(row.feature, prior, score, float(escalated), escalated))
-    if escalated and not row.large_ok:
-        router.memory.learn(Outcome(row.feature, prior, score, -1.0, True, observed=False))
+    router.memory.learn(Outcome.small_tier(row.feature, prior, score, not row.small_ok))
+    if not row.small_ok and not row.large_ok:
+        router.memory.learn(Outcome.taken_back(row.feature, prior, score))
 
 
 def _summary(

@@ -44,9 +44,6 @@ class FeatureStats:
     observed: list[float] = field(default_factory=lambda: [0.0] * BINS)
     escalated: list[float] = field(default_factory=lambda: [0.0] * BINS)
 
-    def add(self, name: str, value: float) -> None:
-        setattr(self, name, getattr(self, name) + value)
-
     def add_bin(self, kind: str, b: int, value: float) -> None:
         {"t": self.triaged, "o": self.observed, "e": self.escalated}[kind][b] += value
 
@@ -61,6 +58,18 @@ class Outcome:
     positive: float  # +1: needed the frontier; -1: a correction (the frontier failed too)
     escalated: bool  # the small model's answer failed
     observed: bool = True  # False for a correction: the outcome was counted already
+
+    @classmethod
+    def small_tier(cls, feature: str, prior: float, score: float, escalated: bool) -> Outcome:
+        """A small-tier answer, valid or not. An escalation counts as needing the frontier
+        until the frontier fails too (`taken_back`)."""
+        return cls(feature, prior, score, float(escalated), escalated)
+
+    @classmethod
+    def taken_back(cls, feature: str, prior: float, score: float) -> Outcome:
+        """The frontier failed a job the small model failed: it did not need the frontier
+        (neither could answer), so its escalation no longer counts as a positive."""
+        return cls(feature, prior, score, -1.0, True, observed=False)
 
 
 class Memory(Protocol):

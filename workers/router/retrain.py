@@ -8,7 +8,6 @@ ledger, so memory stays flat in its size.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 from rich.progress import Progress
@@ -19,12 +18,11 @@ from tierfleet import constants as C
 from tierfleet.constants import JobStatus, Outcome
 from tierfleet.db import Ledger
 from tierfleet.envelope import JobSpec
-from workers.router.memory import FeatureStats, LocalMemory, Memory
+from workers.router.memory import LocalMemory, Memory
 from workers.router.memory import Outcome as Learnt
 from workers.router.prior import load_prior
 from workers.router.router import prompt_text
 
-ESCALATED = (Outcome.INVALID, Outcome.LOW_CONFIDENCE, Outcome.TIMEOUT)
 BATCH = 2000
 
 
@@ -46,7 +44,8 @@ def rebuild(ledger: Ledger, memory: Memory, *, progress: bool = False) -> dict[s
         )
         .join(Job, Job.id == Attempt.job_id)
         .where(
-            and_(Attempt.tier == small, Attempt.outcome.in_([Outcome.SUCCEEDED, *ESCALATED]))
+            Attempt.tier == small,
+            Attempt.outcome.in_([Outcome.SUCCEEDED, *C.ESCALATING_OUTCOMES]),
         )
         .order_by(Attempt.created_at)
     )  # fmt: skip
@@ -62,10 +61,10 @@ def rebuild(ledger: Ledger, memory: Memory, *, progress: bool = False) -> dict[s
             )  # fmt: skip
             p = prior.score(prompt_text(spec))
             score = p if row.triage_score is None else float(row.triage_score)
-            escalated = row.outcome in ESCALATED
-            local.learn(Learnt(row.feature, p, score, float(escalated), escalated))
+            escalated = row.outcome in C.ESCALATING_OUTCOMES
+            local.learn(Learnt.small_tier(row.feature, p, score, escalated))
             if escalated and row.frontier_failed:
-                local.learn(Learnt(row.feature, p, score, -1.0, True, observed=False))
+                local.learn(Learnt.taken_back(row.feature, p, score))
             n_outcomes += 1
             bar.advance(task)
         task = bar.add_task("triage decisions", total=None)
@@ -73,6 +72,6 @@ def rebuild(ledger: Ledger, memory: Memory, *, progress: bool = False) -> dict[s
             local.triaged(row.feature, float(row.triage_score))
             n_decisions += 1
             bar.advance(task)
-    snapshot: dict[str, FeatureStats] = defaultdict(FeatureStats, local.snapshot())
-    memory.reset(dict(snapshot))
+    snapshot = local.snapshot()
+    memory.reset(snapshot)
     return {"features": len(snapshot), "outcomes": n_outcomes, "decisions": n_decisions}

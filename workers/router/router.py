@@ -180,24 +180,16 @@ class LearnedRouter:
     # --- learning --------------------------------------------------------------------
 
     def learn_small(self, job: JobSpec, score: float | None, escalated: bool) -> None:
-        """A small-tier answer was valid (`escalated` False) or not. An escalation counts
-        as needing the frontier until the frontier fails too (`learn_escalation_failed`)."""
+        """A small-tier answer of `job` (triaged with `score`) was valid or escalated."""
         prior = self.prior.score(prompt_text(job))
-        self.memory.learn(
-            Outcome(
-                job.feature, prior, prior if score is None else score, float(escalated), escalated
-            )
-        )
+        score = prior if score is None else score
+        self.memory.learn(Outcome.small_tier(job.feature, prior, score, escalated))
 
     def learn_escalation_failed(self, job: JobSpec, score: float | None) -> None:
-        """The frontier failed a job the small model failed: it did not need the frontier
-        (neither could answer), so its escalation is taken back as a positive."""
+        """The frontier failed `job` after the small tier had: take its escalation back."""
         prior = self.prior.score(prompt_text(job))
-        self.memory.learn(
-            Outcome(
-                job.feature, prior, prior if score is None else score, -1.0, True, observed=False
-            )
-        )
+        score = prior if score is None else score
+        self.memory.learn(Outcome.taken_back(job.feature, prior, score))
 
 
 def prompt_text(job: JobSpec) -> str:
