@@ -173,29 +173,43 @@ class _Claimed:
 
 def _claim(rt: Runtime, job_id: str, tier: str) -> _Claimed | None:
     """Lease the job for a call on `tier`; None when the job moved on, or is running
-    under another worker's live lease. The lease lasts the call's timeout plus a grace."""
+    under another worker's live lease. The lease lasts the call's timeout plus a grace.
+    A ledger outage is waited out here; a claim whose commit landed but whose reply the
+    outage cut off is found again by its clock reading, not taken for another worker's."""
     now = _now()
+    tries = 0
+
+    def claim() -> _Claimed | None:
+        nonlocal tries
+        tries += 1
+        return _claim_once(rt, job_id, tier, now, again=tries > 1)
+
+    return _with_ledger_retry(rt, job_id, claim)
+
+
+def _claim_once(
+    rt: Runtime, job_id: str, tier: str, now: dt.datetime, *, again: bool
+) -> _Claimed | None:
     lease_s = _timeout_s(rt, tier, DEFAULT_MAX_TOKENS) + rt.settings.lease_grace_s
     with rt.ledger.begin() as conn:
         row = conn.execute(
             sql.CLAIM,
             {"p_id": job_id, "p_tier": tier, "p_now": now, "p_until": now + _s(lease_s)},
         ).one_or_none()
+        if row is None and again:
+            # the earlier try's transaction did all the rest (hold check, take-over)
+            landed = conn.execute(
+                sql.CLAIMED_AT, {"p_id": job_id, "p_tier": tier, "p_now": now}
+            ).one_or_none()
+            return None if landed is None else _claimed(job_id, landed)
         if row is None:
             _stop_over_cap(rt, conn, job_id, tier)
             return None
-        spec = JobSpec.from_row(
-            id=job_id, feature=row.feature, route=row.route, latency=row.latency,
-            payload=row.payload,
-        )  # fmt: skip
         hold = rt.budgets.hold(conn, row.feature, tier)
         if hold is not None:
             raise _OnHold(hold)  # the claim rolls back: the job stays triaged
-        capped = row.batch_id if row.spend_cap_usd is not None else None
-        claimed = _Claimed(
-            spec, row.attempt_count, row.attempt_floor, row.created_at, capped, row.triage_score
-        )
-        need_s = _timeout_s(rt, tier, spec.max_tokens) + rt.settings.lease_grace_s
+        claimed = _claimed(job_id, row)
+        need_s = _timeout_s(rt, tier, claimed.spec.max_tokens) + rt.settings.lease_grace_s
         if need_s > lease_s:
             conn.execute(
                 sql.EXTEND_LEASE,
@@ -206,6 +220,17 @@ def _claim(rt: Runtime, job_id: str, tier: str) -> _Claimed | None:
         ):
             return None
     return claimed
+
+
+def _claimed(job_id: str, row: Any) -> _Claimed:
+    spec = JobSpec.from_row(
+        id=job_id, feature=row.feature, route=row.route, latency=row.latency,
+        payload=row.payload,
+    )  # fmt: skip
+    capped = row.batch_id if row.spend_cap_usd is not None else None
+    return _Claimed(
+        spec, row.attempt_count, row.attempt_floor, row.created_at, capped, row.triage_score
+    )
 
 
 class _OnHold(Exception):
@@ -408,7 +433,8 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
         latency_ms=latency_ms, started_at=started_at,
     )  # fmt: skip
     # The answer is paid for: wait out a ledger outage rather than call again.
-    decision = _with_ledger_retry(rt, job_id, lambda: _book(rt, claimed, tier, call, row))
+    booked: list[Decision | None] = []
+    decision = _with_ledger_retry(rt, job_id, lambda: _book(rt, claimed, tier, call, row, booked))
     rt.metrics.attempt(
         tier=tier,
         model=backend.model,
@@ -469,13 +495,28 @@ def _teach_router(rt: Runtime, claimed: _Claimed, tier: str, decision: Decision)
 
 
 def _book(
-    rt: Runtime, claimed: _Claimed, tier: str, call: CallResult, row: dict[str, Any]
+    rt: Runtime,
+    claimed: _Claimed,
+    tier: str,
+    call: CallResult,
+    row: dict[str, Any],
+    booked: list[Decision | None],
 ) -> Decision | None:
     """Record the attempt and apply the policy's decision to the job, in one transaction;
     None when this worker's lease lapsed meanwhile (the attempt is kept, as abandoned,
-    with its real usage and cost; the job's new owner decides)."""
+    with its real usage and cost; the job's new owner decides).
+
+    `booked` holds what earlier tries of this booking decided: a try whose commit landed
+    but whose reply an outage cut off is found by its attempt row and not booked again
+    (the successor of a lost worker writes that row too, but with its own start time)."""
     job_id = claimed.spec.id
     with rt.ledger.begin() as conn:
+        if booked:
+            landed = conn.execute(sql.ATTEMPT_BOOKED, {"p_id": row["id"]}).one_or_none()
+            if landed is not None and (
+                landed.outcome != Outcome.ABANDONED or utc(landed.started_at) == row["started_at"]
+            ):
+                return booked[-1]
         decision = _decide(rt, conn, job_id, tier, call, claimed.floor)
         statement, params = _record(decision, call.result)
         applied = conn.execute(
@@ -497,7 +538,8 @@ def _book(
             conn.execute(
                 sql.ADD_BATCH_SPEND, {"p_batch": claimed.capped_batch, "p_cost": row["cost_usd"]}
             )
-        return decision if applied is not None else None
+        booked.append(decision if applied is not None else None)
+        return booked[-1]
 
 
 def _with_ledger_retry(rt: Runtime, job_id: str, write: Callable[[], _T]) -> _T:

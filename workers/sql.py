@@ -145,6 +145,19 @@ HOLD = (
     .values(hold_reason=_p("p_reason", _job.hold_reason), updated_at=func.now())
     .returning(Job.id)
 )
+# A claim whose commit lost its reply: the job as that claim left it (read on a retry
+# only; `leased_at` is the claim's own clock reading).
+CLAIMED_AT = select(
+    Job.feature, Job.route, Job.latency, Job.payload, Job.attempt_count, Job.attempt_floor,
+    Job.created_at, Job.triage_score, Job.batch_id,
+    select(_batch.spend_cap_usd).where(_batch.id == Job.batch_id).scalar_subquery()
+    .label("spend_cap_usd"),
+).where(
+    Job.id == _p("p_id"),
+    Job.tier == _p("p_tier", _job.tier),
+    Job.status == _RUNNING,
+    Job.leased_at == _p("p_now", _job.leased_at),
+)  # fmt: skip
 # A job whose `max_tokens` asks for a longer call than the claim's default lease.
 EXTEND_LEASE = (
     update(Job)
@@ -153,6 +166,8 @@ EXTEND_LEASE = (
 )
 
 INSERT_ATTEMPT = insert(Attempt)
+# Did a booking whose commit lost its reply land? (read on a retry only)
+ATTEMPT_BOOKED = select(Attempt.outcome, Attempt.started_at).where(Attempt.id == _p("p_id"))
 INSERT_DEAD_LETTER = insert(DeadLetter)
 
 OUTCOME_COUNTS = (
@@ -234,12 +249,13 @@ def insert_attempt_once(dialect: str) -> Any:
 
 def upsert_abandoned(dialect: str) -> Any:
     """An attempt that finished after its lease lapsed: recorded as abandoned with what
-    its call really used (the successor may have recorded the row already, usage unknown)."""
+    its call really used, and when it really started (the successor may have recorded
+    the row already, usage unknown)."""
     ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = ins(Attempt)
     usage = (
         "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-        "latency_ms", "cost_usd", "mean_logprob", "finish_reason", "error",
+        "latency_ms", "cost_usd", "mean_logprob", "finish_reason", "error", "started_at",
     )  # fmt: skip
     return stmt.on_conflict_do_update(
         index_elements=["id"], set_={name: stmt.excluded[name] for name in usage}
