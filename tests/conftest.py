@@ -63,7 +63,11 @@ def database_url(pg_database: str) -> Iterator[str]:
     """The session database, emptied before each test."""
     engine = make_engine(pg_database)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE attempts, jobs, batches, dead_letters CASCADE"))
+        conn.execute(
+            text(
+                "TRUNCATE attempts, jobs, batches, dead_letters, provider_batches, batch_requests, budgets, budget_spend CASCADE"
+            )
+        )
     engine.dispose()
     yield pg_database
 
@@ -293,9 +297,11 @@ FAKE_API_KEY = "sk-ant-api03-FAKE-SECRET-KEY"
 
 @pytest.fixture
 def real_env(fleet_env: dict[str, str], fake_vllm: Any, fake_anthropic: Any) -> dict[str, str]:
-    """`fleet_env` with the real backends, pointed at the fake servers."""
+    """`fleet_env` with the real backends, pointed at the fake servers; frontier calls in
+    real time (the Message Batches tests turn batches on)."""
     return {
         **fleet_env,
+        "TIERFLEET_MESSAGE_BATCHES": "off",
         "TIERFLEET_BACKEND": "real",
         "VLLM_BASE_URL": fake_vllm.base_url,
         "ANTHROPIC_API_KEY": FAKE_API_KEY,

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tierfleet import cli_batch, cli_budgets, cli_ops, cli_triage
+from tierfleet import cli_batch, cli_batches, cli_budgets, cli_ops, cli_triage
 from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger, service_errors
 from tierfleet.errors import ConfigurationError, TierfleetError
 
@@ -29,6 +29,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(job_app, name="job")
 app.add_typer(cli_triage.triage_app, name="triage")
 app.add_typer(cli_budgets.budgets_app, name="budgets")
+app.add_typer(cli_batches.batches_app, name="batches")
 
 
 @app.command()

@@ -57,6 +57,11 @@ METRIC_QUEUE_OLDEST_S: Final = METRIC_PREFIX + "queue.oldest_wait_s"  # the olde
 METRIC_VLLM_WAITING: Final = METRIC_PREFIX + "vllm.requests_waiting"
 METRIC_VLLM_RUNNING: Final = METRIC_PREFIX + "vllm.requests_running"
 METRIC_REPLICAS_WANTED: Final = METRIC_PREFIX + "pool.replicas_wanted"  # tags: pool
+LATENCY_BATCH: Final = "batch"  # a job that can wait: on the frontier, a provider batch
+# periodic (beat): submit the frontier's collected batch-mode requests, ingest ended batches
+TASK_BATCHES: Final = "tierfleet.batches"
+QUEUE_BATCHES: Final = "tierfleet.batches"  # consumed by frontier workers (the API client)
+METRIC_BATCH_REQUESTS: Final = METRIC_PREFIX + "provider_batches.requests"  # tags: event
 TASK_DEPTH: Final = "tierfleet.depth"  # periodic (beat): queue depth and scaling as gauges
 METRIC_JOBS_REDRIVEN: Final = METRIC_PREFIX + "jobs.redriven"  # tags: stage
 METRIC_DEAD_LETTERS: Final = METRIC_PREFIX + "dead_letters"  # tags: task, reason
@@ -90,6 +95,8 @@ class Outcome(enum.StrEnum):
     ERROR = "error"  # a transient provider fault (429, 529, 5xx, connection)
     FAILED = "failed"  # a permanent fault (bad request, auth)
     ABANDONED = "abandoned"  # its worker was lost mid-call (lease expired); not applied
+    EXPIRED = "expired"  # a Message Batches request the provider never ran (24 h passed)
+    CANCELED = "canceled"  # a Message Batches request cancelled before it ran
 
 
 # A small-tier attempt with one of these outcomes escalates the job (the router's label).

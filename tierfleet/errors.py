@@ -58,6 +58,15 @@ class PermanentError(TierfleetError):
     """The same input will fail the same way."""
 
 
+class RequestNotRun(TierfleetError):
+    """A request in a provider's message batch that was never run: `kind` is "expired"
+    (the batch's 24 hours passed) or "canceled" (the batch was cancelled first)."""
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class InvalidEnvelope(PermanentError):
     """A job envelope breaks the contract. `field` is a JSON-pointer-like path."""
 

@@ -115,3 +115,8 @@ class Metrics:
 
     def dead_letter(self, *, task: str, reason: str) -> None:
         self._sink.increment(C.METRIC_DEAD_LETTERS, tags=[f"task:{task}", f"reason:{reason}"])
+
+    def batch_requests(self, *, event: str, count: int) -> None:
+        """Message Batches requests, by `event`: `submitted` or `ingested`."""
+        if count:
+            self._sink.increment(C.METRIC_BATCH_REQUESTS, count, tags=[f"event:{event}"])

@@ -189,6 +189,8 @@ class Attempt(Base):
     feature: Mapped[str] = mapped_column(String(100))
     started_at: Mapped[dt.datetime] = mapped_column(_now())
     created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
+    # Run in a provider's message batch (priced at its batch discount): which one.
+    provider_batch_id: Mapped[str | None] = mapped_column(String(64))
 
     job: Mapped[Job] = relationship(back_populates="attempts", lazy="raise")
 
@@ -245,3 +247,48 @@ class BudgetSpend(Base):
     scope: Mapped[str] = mapped_column(String(120), primary_key=True)
     day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
     spent_usd: Mapped[Decimal] = mapped_column(USD)
+
+
+class ProviderBatch(Base):
+    """One Message Batches batch at the provider. `status`: `submitting` (its requests
+    are chosen, the create call may not have answered yet), then the provider's
+    `in_progress` / `canceling` / `ended`, then `ingested` once every result is booked.
+    `locked_until` is the lease of whoever submits or ingests it now."""
+
+    __tablename__ = "provider_batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(200))
+    provider_batch_id: Mapped[str | None] = mapped_column(String(100), unique=True)
+    status: Mapped[str] = mapped_column(String(16))
+    requests: Mapped[int] = mapped_column(Integer)
+    request_bytes: Mapped[int] = mapped_column(BigInteger)
+    succeeded: Mapped[int] = mapped_column(Integer, default=0)
+    errored: Mapped[int] = mapped_column(Integer, default=0)
+    expired: Mapped[int] = mapped_column(Integer, default=0)
+    canceled: Mapped[int] = mapped_column(Integer, default=0)
+    ingested: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    locked_until: Mapped[dt.datetime | None] = mapped_column(_now())
+    created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
+    submitted_at: Mapped[dt.datetime | None] = mapped_column(_now())
+    ended_at: Mapped[dt.datetime | None] = mapped_column(_now())
+    ingested_at: Mapped[dt.datetime | None] = mapped_column(_now())
+
+    __table_args__ = (Index(None, "status"),)
+
+
+class BatchRequest(Base):
+    """A batch-mode frontier attempt, collected durably until it goes out in a provider
+    batch. Its id is the attempt's id, which is the request's `custom_id`."""
+
+    __tablename__ = "batch_requests"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int] = mapped_column(Integer)
+    batch_id: Mapped[str | None] = mapped_column(String(64))  # its ProviderBatch, once chosen
+    collected_at: Mapped[dt.datetime] = mapped_column(_now())
+
+    __table_args__ = (Index(None, "batch_id", "collected_at"),)

@@ -94,6 +94,21 @@ class Settings(BaseSettings):
     max_task_errors: int = Field(3, ge=1)
     db_retry_s: float = Field(120.0, ge=0)
 
+    # Message Batches (half price) for frontier jobs with `latency: batch`: `auto` uses
+    # them when the frontier backend offers them (Anthropic), `off` never. A provider
+    # batch goes out when `batch_min_requests` wait or the oldest has waited
+    # `batch_max_wait_s`; the beat task looks every `batch_interval_s`. A job in a
+    # provider batch is leased for `batch_lease_s` (the provider ends a batch within 24 h).
+    # A worker sending or ingesting a provider batch holds it for `batch_lock_s` at a time.
+    message_batches: Literal["auto", "off"] = "auto"
+    batch_min_requests: int = Field(1000, ge=1, le=100_000)
+    batch_max_requests: int = Field(100_000, ge=1, le=100_000)
+    batch_max_bytes: int = Field(256 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    batch_max_wait_s: float = Field(60.0, ge=0)
+    batch_interval_s: float = Field(10.0, gt=0)
+    batch_lease_s: float = Field(26 * 3600.0, gt=0)
+    batch_lock_s: float = Field(300.0, gt=0)
+
     # Daily budgets (`tierfleet budgets set`): how often a waiting job looks again.
     budget_recheck_s: float = Field(60.0, gt=0)
 

@@ -6,14 +6,15 @@ A pool is what one `tierfleet worker --pool NAME` process consumes, and how:
 |----------|--------------------------|-------------|-------------------------------|
 | triage   | triage, tierfleet.control | prefork    | CPU count (scoring is CPU)    |
 | slm      | tier.slm                 | threads     | TIERFLEET_SLM_CONCURRENCY, 32 |
-| frontier | tier.frontier            | threads     | TIERFLEET_FRONTIER_CONCURRENCY, 32 |
-| all      | all four                 | threads     | TIERFLEET_SLM_CONCURRENCY     |
+| frontier | tier.frontier, tierfleet.batches | threads | TIERFLEET_FRONTIER_CONCURRENCY, 32 |
+| all      | all five                 | threads     | TIERFLEET_SLM_CONCURRENCY     |
 
 Tier workers wait on model calls, so they keep many requests in flight on threads (vLLM's
 continuous batching wants them); one process and its connections serve them all.
 
 `tierfleet.control` carries the reconciler's periodic runs (sent by beat), on a queue of
-its own so that they never wait behind a backlog of jobs.
+its own so that they never wait behind a backlog of jobs; `tierfleet.batches` carries the
+Message Batches task's runs to the frontier workers, which hold the provider's client.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> Celery:
             "schedule": settings.reconcile_interval_s,
             "options": {"queue": C.QUEUE_CONTROL, "expires": settings.reconcile_interval_s},
         },
+        "batches": {
+            "task": C.TASK_BATCHES,
+            "schedule": settings.batch_interval_s,
+            "options": {"queue": C.QUEUE_BATCHES, "expires": settings.batch_interval_s},
+        },
         "depth": {
             "task": C.TASK_DEPTH,
             "schedule": settings.depth_interval_s,
@@ -73,10 +79,11 @@ def plan_pool(settings: Settings, pool: str, concurrency: int | None = None) -> 
         return PoolPlan([settings.queue_slm], (C.TIER_SLM,), "threads", n)
     if pool == "frontier":
         n = concurrency or settings.frontier_concurrency
-        return PoolPlan([settings.queue_frontier], (C.TIER_FRONTIER,), "threads", n)
+        queues = [settings.queue_frontier, C.QUEUE_BATCHES]
+        return PoolPlan(queues, (C.TIER_FRONTIER,), "threads", n)
     if pool == "all":
         queues = [settings.queue_triage, settings.queue_slm, settings.queue_frontier]
-        queues.append(C.QUEUE_CONTROL)
+        queues += [C.QUEUE_CONTROL, C.QUEUE_BATCHES]
         return PoolPlan(queues, C.TIER_LADDER, "threads", concurrency or settings.slm_concurrency)
     raise ValueError(f"unknown pool {pool!r}; pools are {', '.join(POOLS)}")
 

@@ -31,10 +31,13 @@ from tierfleet.errors import (
     InvalidOutput,
     PermanentError,
     ProviderTimeout,
+    RequestNotRun,
     RetryableError,
+    TierfleetError,
 )
 from tierfleet.prices import Usage
 from workers import sql
+from workers.backends.base import BatchBackend, Completion
 from workers.budgets import Hold
 from workers.policy import Action, Decision
 from workers.router.router import LearnedRouter
@@ -48,6 +51,7 @@ _T = TypeVar("_T")
 _MAX_BODY_CHARS = 64_000
 _ANSWERED = (Outcome.SUCCEEDED, Outcome.INVALID, Outcome.LOW_CONFIDENCE)
 _TRANSIENT = (Outcome.ERROR, Outcome.TIMEOUT)
+_NOT_RUN = (Outcome.EXPIRED, Outcome.CANCELED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +173,17 @@ class _Claimed:
     created_at: dt.datetime
     capped_batch: str | None = None  # its batch, when that has a spend cap to keep
     triage_score: float | None = None
+    collected: bool = False  # for a provider batch: no call now
+
+
+def batching(rt: Runtime, tier: str, spec: JobSpec) -> bool:
+    """Does this attempt go out in a provider batch (half price) instead of a call?"""
+    return (
+        spec.latency == C.LATENCY_BATCH
+        and rt.settings.message_batches != "off"
+        and tier == rt.policy.ladder[-1]
+        and isinstance(rt.backends.get(tier), BatchBackend)
+    )
 
 
 def _claim(rt: Runtime, job_id: str, tier: str) -> _Claimed | None:
@@ -201,7 +216,10 @@ def _claim_once(
             landed = conn.execute(
                 sql.CLAIMED_AT, {"p_id": job_id, "p_tier": tier, "p_now": now}
             ).one_or_none()
-            return None if landed is None else _claimed(job_id, landed)
+            if landed is None:
+                return None
+            claimed = _claimed(job_id, landed)
+            return dataclasses.replace(claimed, collected=batching(rt, tier, claimed.spec))
         if row is None:
             _stop_over_cap(rt, conn, job_id, tier)
             return None
@@ -219,6 +237,15 @@ def _claim_once(
             rt, conn, claimed, tier, row.lost_leased_at
         ):
             return None
+        if batching(rt, tier, claimed.spec):
+            until = now + _s(rt.settings.batch_lease_s)
+            conn.execute(sql.EXTEND_LEASE, {"p_id": job_id, "p_seq": claimed.seq, "p_until": until})
+            conn.execute(
+                sql.COLLECT,
+                {"id": attempt_id(job_id, claimed.seq), "job_id": job_id, "seq": claimed.seq,
+                 "collected_at": now},
+            )  # fmt: skip
+            return dataclasses.replace(claimed, collected=True)
     return claimed
 
 
@@ -373,16 +400,18 @@ class CallResult:
     retry_after_s: float | None = None
 
 
-def _call(rt: Runtime, spec: JobSpec, tier: str) -> CallResult:
-    """Call the tier's model and validate its answer. Never raises: every fault becomes
-    an outcome, so that every call leaves an attempt row behind."""
-    backend = rt.backends[tier]
+def _call(rt: Runtime, spec: JobSpec, tier: str, complete: Callable[..., Completion]) -> CallResult:
+    """Call the tier's model (`complete`: the backend's, or a batch result's reader) and
+    validate its answer. Never raises: every fault becomes an outcome, so that every call
+    leaves an attempt row behind."""
     is_top = tier == rt.policy.ladder[-1]
     timeout_s = (
         rt.settings.frontier_timeout_s if is_top else rt.settings.slm_timeout_s(spec.max_tokens)
     )
     try:
-        completion = backend.complete(spec, timeout_s=timeout_s)
+        completion = complete(spec, timeout_s=timeout_s)
+    except RequestNotRun as exc:
+        return CallResult(Outcome(exc.kind), error=str(exc))
     except ProviderTimeout as exc:
         return CallResult(Outcome.TIMEOUT, error=str(exc), retry_after_s=exc.retry_after_s)
     except RetryableError as exc:
@@ -421,34 +450,80 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
         return _hold(rt, job_id, tier, held.hold)
     if claimed is None:
         return None
+    if claimed.collected:
+        log.info(
+            "collected for a provider batch",
+            extra={"action": "attempt.collected", "job_id": job_id, "tier": tier},
+        )
+        return None  # the batch task takes it from here (`workers/message_batches.py`)
     spec = claimed.spec
     backend = rt.backends[tier]
     started_at = _now()
     t0 = time.perf_counter()
-    call = _call(rt, spec, tier)
+    call = _call(rt, spec, tier, backend.complete)
     latency_ms = round((time.perf_counter() - t0) * 1000)
     cost = rt.prices[backend.model].cost_usd(call.usage)
     row = _attempt_row(
         job_id, claimed.seq, tier, backend, spec.feature, call, cost=cost,
         latency_ms=latency_ms, started_at=started_at,
     )  # fmt: skip
+    return _settle(rt, claimed, tier, call, row)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """A batch-mode request's place in the ledger, with its result from the provider."""
+
+    row: Any  # `sql.BATCH_REQUESTS_OF`: the request and its job
+    result: Any  # the provider's result object, read by the backend
+    provider_batch: str  # our id of the provider batch
+    started_at: dt.datetime  # when the provider batch was submitted
+    fault: TierfleetError | None = None  # instead of a result: what befell the request
+
+
+def book_batch_result(rt: Runtime, tier: str, item: BatchResult) -> Next | None:
+    """Book one result of a provider batch as an attempt, exactly as a real-time answer
+    is booked (validated, the policy's decision applied), priced at the batch discount."""
+    backend = rt.backends[tier]
+    claimed = _claimed(item.row.job_id, item.row)
+
+    def read(job: JobSpec, *, timeout_s: float) -> Completion:
+        if item.fault is not None:
+            raise item.fault
+        return backend.read_batch_result(item.result, job)  # type: ignore[attr-defined,no-any-return]
+
+    call = _call(rt, claimed.spec, tier, read)
+    cost = rt.prices[backend.model].cost_usd(call.usage, batch=True)
+    row = _attempt_row(
+        claimed.spec.id, claimed.seq, tier, backend, claimed.spec.feature, call, cost=cost,
+        latency_ms=_ms_since(item.started_at), started_at=utc(item.started_at),
+    )  # fmt: skip
+    row["provider_batch_id"] = item.provider_batch
+    return _settle(rt, claimed, tier, call, row)
+
+
+def _settle(
+    rt: Runtime, claimed: _Claimed, tier: str, call: CallResult, row: dict[str, Any]
+) -> Next | None:
+    """Book a model call's attempt, and say what comes next for its job."""
+    spec = claimed.spec
     # The answer is paid for: wait out a ledger outage rather than call again.
     booked: list[Decision | None] = []
-    decision = _with_ledger_retry(rt, job_id, lambda: _book(rt, claimed, tier, call, row, booked))
+    decision = _with_ledger_retry(rt, spec.id, lambda: _book(rt, claimed, tier, call, row, booked))
     rt.metrics.attempt(
         tier=tier,
-        model=backend.model,
-        provider=backend.provider,
+        model=row["model"],
+        provider=row["provider"],
         feature=spec.feature,
         outcome=call.outcome.value if decision else Outcome.ABANDONED.value,
         usage=call.usage,
-        cost_usd=cost,
-        latency_ms=latency_ms,
+        cost_usd=row["cost_usd"],
+        latency_ms=row["latency_ms"],
     )
     if decision is None:
         log.warning(
             "answered after the lease lapsed; recorded, not applied",
-            extra={"action": "attempt.fenced", "job_id": job_id, "tier": tier},
+            extra={"action": "attempt.fenced", "job_id": spec.id, "tier": tier},
         )
         return None
     _teach_router(rt, claimed, tier, decision)
@@ -456,7 +531,7 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
         "attempt",
         extra={
             "action": "attempt.done",
-            "job_id": job_id,
+            "job_id": spec.id,
             "tier": tier,
             "feature": spec.feature,
             "outcome": call.outcome.value,
@@ -611,6 +686,7 @@ def _decide(
         answers_on_tier=1 + sum(counts.get(o, 0) for o in _ANSWERED),
         transient_retries=sum(counts.get(o, 0) for o in _TRANSIENT),
         retry_after_s=call.retry_after_s,
+        not_run_before=sum(counts.get(o, 0) for o in _NOT_RUN),
     )
 
 

@@ -57,12 +57,21 @@ class EscalationPolicy:
         answers_on_tier: int = 1,
         transient_retries: int = 0,
         retry_after_s: float | None = None,
+        not_run_before: int = 0,
     ) -> Decision:
         """`answers_on_tier` counts this tier's attempts that produced an answer (this
-        one included); `transient_retries` counts faults already retried on this tier."""
+        one included); `transient_retries` counts faults already retried on this tier;
+        `not_run_before` its earlier batch requests the provider never ran."""
         if outcome is Outcome.SUCCEEDED:
             return Decision(Action.SUCCEED)
         higher = self.next_tier(tier)
+
+        if outcome in (Outcome.EXPIRED, Outcome.CANCELED):  # sent again once, then given up
+            if not_run_before < 1:
+                return Decision(Action.RETRY, reason)
+            return Decision(
+                Action.FAIL, f"{tier} batch request not run, {not_run_before + 1} times: {reason}"
+            )
 
         if outcome in (Outcome.INVALID, Outcome.LOW_CONFIDENCE) or (
             outcome is Outcome.TIMEOUT and higher is not None

@@ -9,11 +9,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, func, insert, not_, null, or_, select, update
+from sqlalchemy import (
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    not_,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from tierfleet.constants import ESCALATING_OUTCOMES, TERMINAL_STATUSES, JobStatus, Outcome
-from tierfleet.models import Attempt, Batch, Budget, BudgetSpend, DeadLetter, Job
+from tierfleet.models import (
+    Attempt,
+    Batch,
+    BatchRequest,
+    Budget,
+    BudgetSpend,
+    DeadLetter,
+    Job,
+)
 
 _job = Job.__table__.c
 _batch = Batch.__table__.c
@@ -166,6 +186,8 @@ EXTEND_LEASE = (
 )
 
 INSERT_ATTEMPT = insert(Attempt)
+# A batch-mode frontier attempt, collected for the next provider batch.
+COLLECT = insert(BatchRequest)
 # Did a booking whose commit lost its reply land? (read on a retry only)
 ATTEMPT_BOOKED = select(Attempt.outcome, Attempt.started_at).where(Attempt.id == _p("p_id"))
 INSERT_DEAD_LETTER = insert(DeadLetter)
@@ -256,6 +278,7 @@ def upsert_abandoned(dialect: str) -> Any:
     usage = (
         "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
         "latency_ms", "cost_usd", "mean_logprob", "finish_reason", "error", "started_at",
+        "provider_batch_id",
     )  # fmt: skip
     return stmt.on_conflict_do_update(
         index_elements=["id"], set_={name: stmt.excluded[name] for name in usage}
@@ -267,4 +290,56 @@ BUDGET_CAPS = select(Budget.scope, Budget.daily_cap_usd)
 BUDGET_SPEND = select(BudgetSpend.scope, BudgetSpend.spent_usd).where(
     BudgetSpend.day == bindparam("p_day"),
     BudgetSpend.scope.in_(bindparam("p_scopes", expanding=True)),
+)
+
+
+# Message Batches (`workers/message_batches.py`): the collected requests with their jobs,
+# as a claim returns them (`execute._claimed` reads either).
+_br = BatchRequest.__table__.c
+_REQUEST_AND_JOB = (
+    _br.id, _br.job_id, _br.seq, _br.collected_at, Job.feature, Job.route, Job.latency,
+    Job.payload, Job.attempt_count, Job.attempt_floor, Job.created_at, Job.triage_score,
+    Job.batch_id,
+    select(_batch.spend_cap_usd).where(_batch.id == Job.batch_id).scalar_subquery()
+    .label("spend_cap_usd"),
+)  # fmt: skip
+_STILL_WAITING = and_(Job.status == _RUNNING, Job.attempt_count == _br.seq)
+# Waiting for a provider batch, oldest first; locked, skipping what another submitter holds.
+WAITING = (
+    select(*_REQUEST_AND_JOB)
+    .join(Job, Job.id == _br.job_id)
+    .where(_br.batch_id.is_(None), _STILL_WAITING)
+    .order_by(_br.collected_at)
+    .limit(bindparam("p_limit"))
+    .with_for_update(of=BatchRequest, skip_locked=True)
+)
+BATCH_REQUESTS_OF = (
+    select(*_REQUEST_AND_JOB).join(Job, Job.id == _br.job_id).where(_br.batch_id == _p("p_batch"))
+)
+BATCH_REQUESTS_BY_ID = (
+    select(*_REQUEST_AND_JOB)
+    .join(Job, Job.id == _br.job_id)
+    .where(_br.id.in_(bindparam("p_ids", expanding=True)))
+)
+ASSIGN_REQUESTS = (
+    update(BatchRequest)
+    .where(_br.id.in_(bindparam("p_ids", expanding=True)))
+    .values(batch_id=_p("p_batch"))
+)
+BOOKED_AMONG = select(Attempt.id).where(Attempt.id.in_(bindparam("p_ids", expanding=True)))
+# A request of the batch that has no attempt row yet: the provider sent no result for it.
+UNBOOKED_OF = (
+    select(*_REQUEST_AND_JOB)
+    .join(Job, Job.id == _br.job_id)
+    .where(
+        _br.batch_id == _p("p_batch"),
+        ~select(Attempt.id).where(Attempt.id == _br.id).exists(),
+    )
+)
+# Collected requests whose job has moved on (taken over after a lapsed lease, failed by
+# hand): never sent.
+DROP_STALE_WAITING = (
+    delete(BatchRequest)
+    .where(_br.batch_id.is_(None), _br.collected_at < _p("p_before", _br.collected_at))
+    .where(~select(Job.id).where(Job.id == _br.job_id, _STILL_WAITING).exists())
 )

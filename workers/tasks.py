@@ -143,6 +143,24 @@ def depth(self: Task) -> None:
     scale.publish(scale.recommend(rt.settings, rt.ledger, reading), rt.metrics)
 
 
+@shared_task(name=C.TASK_BATCHES, bind=True)
+def batches(self: Task) -> None:
+    """Periodic (beat), on a frontier worker: send the collected batch-mode requests that
+    are due as provider batches, and ingest the provider batches that have ended."""
+    from workers import message_batches
+
+    rt = runtime()
+    try:
+        message_batches.run(rt, send_next)
+    except DBAPIError as exc:
+        if not ledger_unavailable(exc):
+            raise
+        log.warning(
+            "ledger unavailable; the batches wait for the next run",
+            extra={"action": "batches.ledger_wait"},
+        )
+
+
 def send_triage(rt: Runtime, job_ids: list[str]) -> None:
     with rt.celery.producer_or_acquire() as producer:
         for job_id in job_ids:

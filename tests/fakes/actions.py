@@ -25,6 +25,7 @@ __all__ = [
     "Hang",
     "Invalid",
     "Malformed",
+    "NotRun",
     "Output",
     "Truncated",
     "count_tokens",
@@ -108,7 +109,15 @@ class Malformed:
     content_type: str = "application/json"
 
 
-Action: TypeAlias = Answer | Invalid | Truncated | Error | Hang | Drop | Malformed
+@dataclass(frozen=True)
+class NotRun:
+    """In a message batch only: the request is never run, and its result is `kind`,
+    "expired" (the batch's 24 hours passed) or "canceled"."""
+
+    kind: str = "expired"
+
+
+Action: TypeAlias = Answer | Invalid | Truncated | Error | Hang | Drop | Malformed | NotRun
 
 _WORDS = [
     "the",

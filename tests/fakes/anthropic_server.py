@@ -15,21 +15,49 @@
   a string `system` or message `content` counts as `{"type": "text", "text": ...}`.
   (The real API's minimum cacheable length is not simulated.)
 
+- Message Batches, as `client.messages.batches` calls them: `POST /v1/messages/batches`
+  (`requests` of `custom_id` + `params`, each checked like a message request: a bad one
+  fails the whole create with 400, as the real API does), `GET .../{id}` (the batch, its
+  `request_counts` and, once ended, `results_url`), `GET .../{id}/results` (JSONL, one
+  line per request, in an order of its own), `POST .../{id}/cancel`, `GET
+  /v1/messages/batches` (newest first, `limit`, `after_id`). A batch ends
+  `batch_processing_s` after its create; each request then plays its scripted action:
+  an answer becomes a `succeeded` result, `Error` an `errored` one of its type,
+  `NotRun(kind)` an `expired` or `canceled` one, `Hang`/`Drop`/`Malformed` an `errored`
+  `api_error`. Cancelling an unfinished batch ends it with every request `canceled`.
+  `results_line_delay_s` slows the results stream, line by line. `batches` holds them all.
+
 Errors use Anthropic's body: `{"type": "error", "error": {"type", "message"}, "request_id"}`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import hashlib
 import json
-from collections.abc import Mapping
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from tests.fakes.actions import Answer, Invalid, Truncated, count_tokens, produce, rng_for
+from tests.fakes.actions import (
+    Action,
+    Answer,
+    Error,
+    Invalid,
+    NotRun,
+    Truncated,
+    count_tokens,
+    produce,
+    rng_for,
+)
 from tests.fakes.server import FakeServer, new_id, retry_after_header
 
 __all__ = ["DEFAULT_ERROR_TYPES", "FakeAnthropic", "prompt_blocks"]
@@ -48,6 +76,33 @@ DEFAULT_ERROR_TYPES = {
 }
 
 
+_CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+MAX_BATCH_REQUESTS = 100_000
+MAX_BATCH_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class FakeBatch:
+    """One message batch the fake holds."""
+
+    id: str
+    requests: list[dict[str, Any]]
+    created_at: float
+    ends_at: float
+    status: str = "in_progress"
+    ended_at: float | None = None
+    cancel_initiated_at: float | None = None
+    results: list[dict[str, Any]] = field(default_factory=list)
+    retrieved: int = 0
+    results_read: int = 0
+
+
+def _rfc3339(when: float | None) -> str | None:
+    if when is None:
+        return None
+    return dt.datetime.fromtimestamp(when, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
 class FakeAnthropic(FakeServer):
     """A fake Anthropic API. `base_url` is what `anthropic.Anthropic(base_url=...)` wants
     (the SDK appends `/v1/messages`).
@@ -63,16 +118,213 @@ class FakeAnthropic(FakeServer):
         super().__init__(latency_s=latency_s)
         self.api_key = api_key
         self.seen_prefixes: set[str] = set()
+        self.batches: dict[str, FakeBatch] = {}
+        self._batch_lock = threading.RLock()  # taken before `_lock`, never after
+        self.batch_processing_s = 0.0
+        self.results_line_delay_s = 0.0
 
     @property
     def base_url(self) -> str:
         return self.root_url
 
     def routes(self) -> list[BaseRoute]:
-        return [Route("/v1/messages", self.handle, methods=["POST"])]
+        return [
+            Route("/v1/messages", self.handle, methods=["POST"]),
+            Route("/v1/messages/batches", self.create_batch, methods=["POST"]),
+            Route("/v1/messages/batches", self.list_batches, methods=["GET"]),
+            Route("/v1/messages/batches/{id}", self.retrieve_batch, methods=["GET"]),
+            Route("/v1/messages/batches/{id}/results", self.batch_results, methods=["GET"]),
+            Route("/v1/messages/batches/{id}/cancel", self.cancel_batch, methods=["POST"]),
+        ]
 
     def _reset_state(self) -> None:
         self.seen_prefixes.clear()
+        self.batches.clear()
+        self.batch_processing_s = 0.0
+        self.results_line_delay_s = 0.0
+
+    # --- Message Batches ---------------------------------------------------------------
+
+    def _authorized(self, request: Request) -> Response | None:
+        key = request.headers.get("x-api-key")
+        if key is None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            key = token.strip() if scheme.lower() == "bearer" else None
+        if not key:
+            return self.error_response(401, "x-api-key header is required")
+        if self.api_key is not None and key != self.api_key:
+            return self.error_response(401, "invalid x-api-key")
+        return None
+
+    async def create_batch(self, request: Request) -> Response:
+        denied = self._authorized(request)
+        if denied is not None:
+            return denied
+        raw = await request.body()
+        if len(raw) > MAX_BATCH_BYTES:
+            return self.error_response(413, "the batch is over 256 MB")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return self.error_response(400, "The request body is not valid JSON.")
+        requests = body.get("requests") if isinstance(body, Mapping) else None
+        if not isinstance(requests, list) or not requests:
+            return self.error_response(400, "requests: at least one request is required")
+        if len(requests) > MAX_BATCH_REQUESTS:
+            return self.error_response(400, "requests: at most 100,000 requests in a batch")
+        seen: set[str] = set()
+        for i, item in enumerate(requests):
+            custom_id = item.get("custom_id") if isinstance(item, Mapping) else None
+            if not isinstance(custom_id, str) or not _CUSTOM_ID.match(custom_id):
+                return self.error_response(
+                    400, f"requests.{i}.custom_id: must match [a-zA-Z0-9_-]{{1,64}}"
+                )
+            if custom_id in seen:
+                return self.error_response(
+                    400, f"requests.{i}.custom_id: {custom_id!r} is not unique"
+                )
+            seen.add(custom_id)
+            rejection = self.validate(request, item.get("params"))
+            if rejection is not None:
+                return rejection
+        now = time.time()
+        batch = FakeBatch(
+            id=new_id("msgbatch_"), requests=requests, created_at=now,
+            ends_at=now + self.batch_processing_s,
+        )  # fmt: skip
+        with self._batch_lock:
+            self.batches[batch.id] = batch
+        return JSONResponse(self._batch_json(batch))
+
+    async def list_batches(self, request: Request) -> Response:
+        denied = self._authorized(request)
+        if denied is not None:
+            return denied
+        limit = int(request.query_params.get("limit", "20"))
+        after = request.query_params.get("after_id")
+        with self._batch_lock:
+            newest_first = sorted(self.batches.values(), key=lambda b: -b.created_at)
+        if after is not None:
+            ids = [b.id for b in newest_first]
+            newest_first = newest_first[ids.index(after) + 1 :] if after in ids else []
+        page = newest_first[:limit]
+        data = [self._batch_json(b) for b in page]
+        return JSONResponse(
+            {
+                "data": data,
+                "has_more": len(newest_first) > limit,
+                "first_id": page[0].id if page else None,
+                "last_id": page[-1].id if page else None,
+            }
+        )
+
+    async def retrieve_batch(self, request: Request) -> Response:
+        denied = self._authorized(request)
+        if denied is not None:
+            return denied
+        batch = self.batches.get(request.path_params["id"])
+        if batch is None:
+            return self.error_response(404, "no such message batch")
+        batch.retrieved += 1
+        return JSONResponse(self._batch_json(batch))
+
+    async def cancel_batch(self, request: Request) -> Response:
+        denied = self._authorized(request)
+        if denied is not None:
+            return denied
+        batch = self.batches.get(request.path_params["id"])
+        if batch is None:
+            return self.error_response(404, "no such message batch")
+        with self._batch_lock:
+            self._process(batch)
+            if batch.status == "in_progress":
+                now = time.time()
+                batch.cancel_initiated_at = batch.ended_at = now
+                batch.results = [
+                    {"custom_id": r["custom_id"], "result": {"type": "canceled"}}
+                    for r in batch.requests
+                ]
+                batch.status = "ended"
+        return JSONResponse(self._batch_json(batch))
+
+    async def batch_results(self, request: Request) -> Response:
+        denied = self._authorized(request)
+        if denied is not None:
+            return denied
+        batch = self.batches.get(request.path_params["id"])
+        if batch is None:
+            return self.error_response(404, "no such message batch")
+        with self._batch_lock:
+            self._process(batch)
+        if batch.status != "ended":
+            return self.error_response(400, "the batch is still in progress")
+        delay = self.results_line_delay_s
+        # an order of its own, as the real API warns: newest requests first
+        lines = list(reversed(batch.results))
+
+        async def stream() -> AsyncIterator[bytes]:
+            for line in lines:
+                if delay:
+                    await asyncio.sleep(delay)
+                batch.results_read += 1
+                yield json.dumps(line).encode() + b"\n"
+
+        return StreamingResponse(stream(), media_type="application/binary")
+
+    def _process(self, batch: FakeBatch) -> None:
+        """End the batch once its time has come: each request plays its action (with the
+        lock held)."""
+        if batch.status != "in_progress" or time.time() < batch.ends_at:
+            return
+        batch.results = [
+            {"custom_id": item["custom_id"], "result": self._batch_result(item["params"])}
+            for item in batch.requests
+        ]
+        batch.status = "ended"
+        batch.ended_at = time.time()
+
+    def _batch_result(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            action: Action = self._next_action(self.prompt_text(params))
+        if isinstance(action, NotRun):
+            return {"type": action.kind}
+        if isinstance(action, Error):
+            type_ = action.type or DEFAULT_ERROR_TYPES.get(action.status, "api_error")
+            return {
+                "type": "errored",
+                "error": {"type": "error", "error": {"type": type_, "message": action.message}},
+            }
+        if not isinstance(action, Answer | Invalid | Truncated):
+            return {
+                "type": "errored",
+                "error": {"type": "error", "error": {"type": "api_error", "message": "internal"}},
+            }
+        message = json.loads(bytes(self.answer(params, action).body))
+        return {"type": "succeeded", "message": message}
+
+    def _batch_json(self, batch: FakeBatch) -> dict[str, Any]:
+        with self._batch_lock:
+            self._process(batch)
+            kinds = [line["result"]["type"] for line in batch.results]
+        ended = batch.status == "ended"
+        counts = {
+            "processing": 0 if ended else len(batch.requests),
+            **{k: kinds.count(k) for k in ("succeeded", "errored", "canceled", "expired")},
+        }
+        return {
+            "id": batch.id,
+            "type": "message_batch",
+            "processing_status": batch.status,
+            "request_counts": counts,
+            "created_at": _rfc3339(batch.created_at),
+            "ended_at": _rfc3339(batch.ended_at),
+            "expires_at": _rfc3339(batch.created_at + 86_400),
+            "cancel_initiated_at": _rfc3339(batch.cancel_initiated_at),
+            "archived_at": None,
+            "results_url": (
+                f"{self.root_url}/v1/messages/batches/{batch.id}/results" if ended else None
+            ),
+        }
 
     # --- requests ------------------------------------------------------------------------
 

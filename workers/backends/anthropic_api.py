@@ -7,6 +7,9 @@
   `cache_creation_input_tokens` and `cache_read_input_tokens` are recorded and priced with
   the cache multipliers. (Prefixes under the model's minimum are simply not cached.)
 - The SDK's retries are off; the escalation policy owns retries (`faults.py`).
+- Message Batches (`client.messages.batches`): the same request as `params` of a batch
+  line whose `custom_id` is the attempt id; results are streamed and read like a message.
+  An `errored` result maps onto the same faults as an HTTP error of its type.
 - `temperature` is not sent: the Messages API of current Claude models takes none (the
   SDK has no such argument); the model's default sampling applies.
 
@@ -15,28 +18,45 @@ Imported only by a worker that serves the frontier tier.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import anthropic
 from anthropic.types import Message
 
 from tierfleet.envelope import JobSpec
+from tierfleet.errors import RequestNotRun
 from tierfleet.prices import Usage
-from workers.backends.base import Completion
+from workers.backends.base import BatchState, Completion
 from workers.backends.faults import (
     expect,
     field,
     malformed_fault,
     pooled_client,
     sdk_faults,
+    status_fault,
     token_count,
 )
 
 PROVIDER = "anthropic"
 EPHEMERAL = {"type": "ephemeral"}
+_BATCH_TIMEOUT_S = 600.0  # creating a batch of 256 MB, or streaming its results
+# An `errored` batch result's error type, as the HTTP status the same error has.
+_ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
 _WRAPPED = "value"  # the property a non-object output schema is wrapped in
 
 
@@ -75,6 +95,71 @@ class AnthropicBackend:
 
     def close(self) -> None:
         self._client.close()
+
+    # --- Message Batches -------------------------------------------------------------
+
+    def batch_request(self, job: JobSpec, custom_id: str) -> dict[str, Any]:
+        params = build_request(job, model=self.model, prompt_cache=self.prompt_cache)
+        return {"custom_id": custom_id, "params": params}
+
+    def create_batch(self, requests: list[dict[str, Any]]) -> BatchState:
+        with sdk_faults(PROVIDER, anthropic, _BATCH_TIMEOUT_S):
+            batch = self._client.messages.batches.create(
+                requests=requests,  # type: ignore[arg-type]
+                timeout=_BATCH_TIMEOUT_S,
+            )
+        return _batch_state(batch)
+
+    def retrieve_batch(self, batch_id: str) -> BatchState:
+        with sdk_faults(PROVIDER, anthropic, _BATCH_TIMEOUT_S):
+            return _batch_state(self._client.messages.batches.retrieve(batch_id))
+
+    def cancel_batch(self, batch_id: str) -> BatchState:
+        with sdk_faults(PROVIDER, anthropic, _BATCH_TIMEOUT_S):
+            return _batch_state(self._client.messages.batches.cancel(batch_id))
+
+    def list_batches(self, *, created_after: dt.datetime) -> Iterator[BatchState]:
+        """The provider's batches, newest first, down to `created_after`."""
+        with sdk_faults(PROVIDER, anthropic, _BATCH_TIMEOUT_S):
+            for batch in self._client.messages.batches.list(limit=100):
+                if batch.created_at < created_after:
+                    return
+                yield _batch_state(batch)
+
+    def batch_results(self, batch_id: str) -> Iterator[tuple[str, Any]]:
+        """`(custom_id, result)` for each line of an ended batch's results, streamed."""
+        with sdk_faults(PROVIDER, anthropic, _BATCH_TIMEOUT_S):
+            for line in self._client.messages.batches.results(batch_id, timeout=_BATCH_TIMEOUT_S):
+                yield line.custom_id, line.result
+
+    def read_batch_result(self, result: Any, job: JobSpec) -> Completion:
+        kind = getattr(result, "type", None)
+        if kind == "succeeded":
+            return read_message(result.message, wrapped=_needs_wrapping(job))
+        if kind == "errored":
+            inner = getattr(getattr(result, "error", None), "error", None)
+            error_type = str(getattr(inner, "type", "api_error"))
+            message = str(getattr(inner, "message", "") or error_type)
+            raise status_fault(PROVIDER, _ERROR_STATUS.get(error_type, 500), message, None)
+        if kind in ("expired", "canceled"):
+            raise RequestNotRun(
+                f"{PROVIDER}: the batch request was {kind} before it ran", kind=str(kind)
+            )
+        raise malformed_fault(PROVIDER, f"a batch result of type {kind!r}")
+
+
+def _batch_state(batch: Any) -> BatchState:
+    counts = batch.request_counts
+    return BatchState(
+        id=batch.id,
+        status=batch.processing_status,
+        created_at=batch.created_at,
+        ended_at=batch.ended_at,
+        counts={
+            name: int(getattr(counts, name))
+            for name in ("processing", "succeeded", "errored", "canceled", "expired")
+        },
+    )
 
 
 def read_message(message: Any, *, wrapped: bool) -> Completion:
