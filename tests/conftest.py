@@ -65,7 +65,8 @@ def database_url(pg_database: str) -> Iterator[str]:
     with engine.begin() as conn:
         conn.execute(
             text(
-                "TRUNCATE attempts, jobs, batches, dead_letters, provider_batches, batch_requests, budgets, budget_spend CASCADE"
+                "TRUNCATE attempts, jobs, batches, dead_letters, provider_batches, "
+                "batch_requests, budgets, budget_spend CASCADE"
             )
         )
     engine.dispose()
