@@ -232,6 +232,7 @@ def report(
             rep = build(
                 ledger, since=window, by=by, frontier=frontier,
                 escalation_warning=escalation_warning,
+                batch_discounts={m: prices[m].batch_discount for m in prices.models()},
             )  # fmt: skip
         except InvalidEnvelope as exc:
             raise fail(str(exc), Exit.USAGE) from None
@@ -262,6 +263,12 @@ def report(
         f"{rep.since:%Y-%m-%d %H:%M} to {rep.until:%Y-%m-%d %H:%M} UTC: spent ${t.spend_usd:,.4f}, "
         f"all-frontier ${t.baseline_usd:,.4f}, saved ${t.savings_usd:,.4f} ({t.savings_pct:.1f}%)"
     )
+    if rep.batch_attempts:
+        err.print(
+            f"Message Batches: {rep.batch_attempts:,} attempts cost ${rep.batch_spend_usd:,.4f} "
+            f"instead of ${rep.batch_standard_usd:,.4f} one by one: saved "
+            f"${rep.batch_savings_usd:,.4f}"
+        )
     for warning in rep.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}")
     if html is not None:

@@ -11,6 +11,11 @@ From the ledger's attempts in the window (`created_at >= since`), streamed job b
   attempts; a job answered lower down counts its first attempt's tokens at the frontier
   model's prices), less what they cost.
 
+Message Batches savings are a line of their own: what the attempts run in provider
+batches would have cost at the standard price, less their batch price. (The
+counterfactual above counts frontier attempts at what they cost, so the two do not
+overlap.)
+
 A feature whose escalation rate passes the threshold is named in `warnings`.
 """
 
@@ -19,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from itertools import groupby
@@ -32,7 +37,7 @@ from tierfleet.constants import JobStatus
 from tierfleet.db import Ledger, utc
 from tierfleet.errors import InvalidEnvelope
 from tierfleet.models import Attempt, Job
-from tierfleet.prices import ModelPrice
+from tierfleet.prices import USD_QUANTUM, ModelPrice
 from tierfleet.report import all_frontier_usd
 
 GROUPS = ("feature", "tier", "model", "batch")
@@ -108,6 +113,13 @@ class Report:
     daily: dict[str, dict[str, Decimal]] = field(default_factory=dict)
     escalation_by_feature: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    batch_attempts: int = 0  # attempts run in provider message batches
+    batch_spend_usd: Decimal = Decimal(0)  # what they cost, at the batch price
+    batch_standard_usd: Decimal = Decimal(0)  # what they would have cost one request each
+
+    @property
+    def batch_savings_usd(self) -> Decimal:
+        return self.batch_standard_usd - self.batch_spend_usd
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +132,12 @@ class Report:
                 d: {t: str(v) for t, v in tiers.items()} for d, tiers in self.daily.items()
             },
             "escalation_rate_by_feature": self.escalation_by_feature,
+            "message_batches": {
+                "attempts": self.batch_attempts,
+                "spend_usd": str(self.batch_spend_usd),
+                "standard_usd": str(self.batch_standard_usd),
+                "savings_usd": str(self.batch_savings_usd),
+            },
             "warnings": self.warnings,
         }
 
@@ -132,7 +150,11 @@ def build(
     frontier: ModelPrice,
     escalation_warning: float = 0.2,
     now: dt.datetime | None = None,
+    batch_discounts: Mapping[str, Decimal] | None = None,
 ) -> Report:
+    """`batch_discounts`: each model's batch price as a share of its standard one (the
+    frontier model's alone, when not given)."""
+    discounts = batch_discounts or {frontier.model: frontier.batch_discount}
     if by not in GROUPS:
         raise InvalidEnvelope(f"--by {by!r}: one of {', '.join(GROUPS)}")
     until = now or dt.datetime.now(dt.UTC)
@@ -141,6 +163,7 @@ def build(
     features: dict[str, Figures] = defaultdict(Figures)
     total = Figures()
     daily: dict[str, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
+    n_batched, batch_spend, batch_standard = 0, Decimal(0), Decimal(0)
     for job, tried in _jobs_with_attempts(ledger, start):
         touched: dict[str, Figures] = {}
         for a in tried:
@@ -148,6 +171,11 @@ def build(
             g.spend_usd += a.cost_usd
             g.attempts += 1
             daily[utc(a.created_at).date().isoformat()][a.tier] += a.cost_usd
+            if a.provider_batch_id is not None:
+                discount = discounts.get(a.model) or Decimal(1)
+                n_batched += 1
+                batch_spend += a.cost_usd
+                batch_standard += (a.cost_usd / discount).quantize(USD_QUANTUM)
         j = _job_figures(job, tried, frontier)
         total.spend_usd += j.spend
         total.attempts += len(tried)
@@ -156,6 +184,8 @@ def build(
             _count(g, j, baseline=by in ("feature", "batch") or g is total)
     report = Report(start, until, by, dict(sorted(groups.items())), total)
     report.daily = {d: dict(t) for d, t in sorted(daily.items())}
+    report.batch_attempts = n_batched
+    report.batch_spend_usd, report.batch_standard_usd = batch_spend, batch_standard
     report.escalation_by_feature = {
         f: round(v.escalation_rate, 4) for f, v in sorted(features.items()) if v.tried_small
     }
@@ -219,7 +249,7 @@ def _jobs_with_attempts(
         select(
             Attempt.job_id, Attempt.seq, Attempt.tier, Attempt.model, Attempt.outcome,
             Attempt.cost_usd, Attempt.input_tokens, Attempt.output_tokens, Attempt.created_at,
-            Job.feature, Job.status, Job.batch_id,
+            Attempt.provider_batch_id, Job.feature, Job.status, Job.batch_id,
         )
         .join(Job, Job.id == Attempt.job_id)
         .where(Attempt.created_at >= start)

@@ -20,6 +20,7 @@ def render(report: Report) -> str:
         ("spend", f"${t.spend_usd:,.4f}"),
         ("all-frontier counterfactual", f"${t.baseline_usd:,.4f}"),
         ("saved", f"${t.savings_usd:,.4f} ({t.savings_pct:.1f}%)"),
+        ("saved by Message Batches", f"${report.batch_savings_usd:,.4f}"),
         ("jobs", f"{t.jobs:,}"),
         ("cost per succeeded job", "—" if per is None else f"${per:,.6f}"),
         ("escalation rate", f"{t.escalation_rate:.1%}"),

@@ -85,3 +85,43 @@ def test_a_mixed_batch_through_the_real_clients(
     assert any(a.cache_write_tokens for a in attempts)  # tools and system prompts are cached
     assert total == sum(a.cost_usd for a in attempts)
     assert FAKE_API_KEY not in workers.output()
+
+
+def test_jobs_that_can_wait_reach_claude_in_message_batches(
+    client: Client,
+    ledger: Ledger,
+    fake_anthropic: Any,
+    real_env: dict[str, str],
+    start_workers: Callable[..., Workers],
+) -> None:
+    """The fleet as deployed: beat sends the batch task to a frontier worker, which sends
+    the collected requests and ingests the ended batch; an invalid answer goes out again
+    in a later batch."""
+    fake_anthropic.when("[case invalid-once]", Invalid())
+    env = {
+        **real_env, "TIERFLEET_MESSAGE_BATCHES": "auto", "TIERFLEET_BATCH_MAX_WAIT_S": "0.3",
+        "TIERFLEET_BATCH_INTERVAL_S": "0.3",
+    }  # fmt: skip
+    workers = start_workers("triage", "frontier", concurrency=4, TIERFLEET_BEAT="1", **env)
+    envelopes = [
+        {"feature": "reviews", "prompt": f"Sentiment of review {i}: 'fine'",
+         "output_schema": "sentiment", "route": "frontier", "latency": "batch"}
+        for i in range(24)
+    ]  # fmt: skip
+    envelopes[0]["prompt"] = "[case invalid-once] " + envelopes[0]["prompt"]
+    ids = [client.submit(e) for e in envelopes]
+    wait_until(
+        lambda: all_terminal(ledger, len(ids)),
+        timeout_s=90,
+        what=f"{len(ids)} terminal jobs\n{workers.output()[-3000:]}",
+    )
+    with ledger.session() as s:
+        statuses = Counter(s.execute(select(Job.status)).scalars())
+        attempts = list(s.execute(select(Attempt)).scalars())
+    assert statuses == {JobStatus.SUCCEEDED: len(ids)}, workers.output()[-3000:]
+    assert fake_anthropic.requests == []  # not one real-time call
+    assert len(fake_anthropic.batches) >= 2  # the invalid answer went out again, later
+    assert len(attempts) == len(ids) + 1
+    assert all(a.provider_batch_id is not None for a in attempts)
+    sent = sum(len(b.requests) for b in fake_anthropic.batches.values())
+    assert sent == len(attempts)  # one request per attempt, one attempt per request

@@ -5,6 +5,7 @@ size rule, and their results booked exactly once at the batch price, whatever en
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -14,6 +15,7 @@ from sqlalchemy import func, select
 
 from tests.fakes import Answer, Error, Invalid, NotRun
 from tests.integration.test_steps import new_job
+from tierfleet import finops
 from tierfleet.constants import JobStatus, Outcome
 from tierfleet.db import Ledger
 from tierfleet.models import Attempt, BatchRequest, Job, ProviderBatch
@@ -211,7 +213,15 @@ def test_costs_are_the_hand_computed_batch_prices(brt: Runtime, fake_anthropic: 
     for a in attempts:
         assert a.cost_usd == _hand_priced(usage[a.id]) > 0
     jobs = _jobs(brt, ids)
-    assert sum(j.cost_usd for j in jobs.values()) == sum(a.cost_usd for a in attempts)
+    spent = sum(a.cost_usd for a in attempts)
+    assert sum(j.cost_usd for j in jobs.values()) == spent
+    # the cost report's own line: the same requests one by one cost twice as much
+    report = finops.build(
+        brt.ledger, since=dt.timedelta(hours=1), by="feature",
+        frontier=brt.prices[brt.settings.frontier_model],
+    )  # fmt: skip
+    assert report.batch_attempts == 20 and report.batch_spend_usd == spent
+    assert report.batch_standard_usd == 2 * spent and report.batch_savings_usd == spent
 
 
 def test_a_batch_ingested_twice_bills_nothing_twice(brt: Runtime, fake_anthropic: Any) -> None:
