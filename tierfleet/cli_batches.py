@@ -83,14 +83,17 @@ def run_now(
     ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """One pass of what beat runs: send the due requests, poll open batches, ingest the
-    ended ones. Safe to run beside the fleet, and to run again after a crash."""
-    from workers.message_batches import run
+    """One pass of what beat runs: send due requests, poll, ingest ended batches.
+
+    Safe to run beside the fleet, and to run again after a crash."""
+    from workers.message_batches import require_backend, run
     from workers.tasks import send_next
 
     with _runtime(frontier=True) as rt:
-        if rt.settings.message_batches == "off":
-            raise fail("Message Batches are off (TIERFLEET_MESSAGE_BATCHES=off)", Exit.USAGE)
+        try:
+            require_backend(rt)
+        except ConfigurationError as exc:
+            raise fail(str(exc), Exit.USAGE) from None
         report = run(rt, send_next, force=force)
     if as_json:
         print(json.dumps(report.as_dict()))
@@ -105,13 +108,17 @@ def cancel(
     batch: Annotated[str, typer.Argument(help="The batch: our id or the provider's.")],
     as_json: JsonFlag = False,
 ) -> None:
-    """Ask the provider to cancel a batch. Requests it had not run come back `canceled`
-    and are sent once more in a later batch; then their jobs fail with the reason."""
+    """Ask the provider to cancel a batch.
+
+    Requests it had not run come back `canceled` and are sent once more in a later
+    batch; then their jobs fail with the reason."""
     from workers.message_batches import cancel as cancel_batch
 
     with _runtime(frontier=True) as rt:
         try:
             state = cancel_batch(rt, batch)
+        except ConfigurationError as exc:
+            raise fail(str(exc), Exit.USAGE) from None
         except PermanentError as exc:
             raise fail(str(exc), Exit.NOT_FOUND) from None
         except RetryableError as exc:

@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select, update
 
 from tierfleet.db import utc
 from tierfleet.envelope import JobSpec
 from tierfleet.errors import (
+    ConfigurationError,
     PermanentError,
     ProviderRejected,
     ProviderUnavailable,
@@ -89,6 +90,18 @@ def batch_backend(rt: Runtime) -> BatchBackend | None:
     backend = rt.backends.get(rt.policy.ladder[-1])
     if rt.settings.message_batches == "off" or not isinstance(backend, BatchBackend):
         return None
+    return backend
+
+
+def require_backend(rt: Runtime) -> BatchBackend:
+    backend = batch_backend(rt)
+    if backend is None:
+        why = (
+            "TIERFLEET_MESSAGE_BATCHES=off"
+            if rt.settings.message_batches == "off"
+            else "the frontier backend has none (simulated models?)"
+        )
+        raise ConfigurationError(f"Message Batches are not in use: {why}")
     return backend
 
 
@@ -449,21 +462,14 @@ def listing(rt: Runtime, *, limit: int = 50) -> dict[str, Any]:
             }
             for r in rows
         ]  # fmt: skip
-        waiting = conn.execute(
-            select(func.count()).select_from(sql.WAITING.subquery())
-        ).scalar_one()
+        waiting = conn.execute(sql.WAITING_COUNT).scalar_one()
     return {"waiting": waiting, "batches": batches}
 
 
 def cancel(rt: Runtime, batch: str) -> BatchState:
     """Ask the provider to cancel a batch (ours or the provider's id). Requests not yet
     run come back `canceled`, and are collected again once (see the module's notes)."""
-    backend = batch_backend(rt)
-    if backend is None:
-        raise PermanentError(
-            "Message Batches are off (TIERFLEET_MESSAGE_BATCHES=off) or the "
-            "frontier backend has none"
-        )
+    backend = require_backend(rt)
     with rt.ledger.begin() as conn:
         row = conn.execute(
             select(_pb.id, _pb.provider_batch_id, _pb.status).where(

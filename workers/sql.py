@@ -313,6 +313,12 @@ WAITING = (
     .limit(bindparam("p_limit"))
     .with_for_update(of=BatchRequest, skip_locked=True)
 )
+WAITING_COUNT = (
+    select(func.count())
+    .select_from(BatchRequest)
+    .join(Job, Job.id == _br.job_id)
+    .where(_br.batch_id.is_(None), _STILL_WAITING)
+)
 BATCH_REQUESTS_OF = (
     select(*_REQUEST_AND_JOB).join(Job, Job.id == _br.job_id).where(_br.batch_id == _p("p_batch"))
 )

@@ -6,6 +6,9 @@ size rule, and their results booked exactly once at the batch price, whatever en
 from __future__ import annotations
 
 import datetime as dt
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -271,3 +274,37 @@ def test_a_create_whose_answer_was_lost_is_adopted_not_sent_twice(
     assert batch.provider_batch_id in fake_anthropic.batches
     message_batches.run(brt, sent)
     assert len(_attempts(brt)) == 5 and {a.outcome for a in _attempts(brt)} == {Outcome.SUCCEEDED}
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tierfleet", "batches", *args],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_the_batches_command_lists_runs_and_cancels(
+    brt: Runtime, fake_anthropic: Any, real_env: dict[str, str]
+) -> None:
+    collect(brt, [f"Sentiment of review {i}: 'ok'" for i in range(3)])
+    env = {**real_env, "TIERFLEET_MESSAGE_BATCHES": "auto"}
+    shown = json.loads(_cli(env, "--json").stdout)
+    assert shown == {"waiting": 3, "batches": []}
+    fake_anthropic.batch_processing_s = 3600
+    ran = _cli(env, "run", "--force", "--json")
+    assert ran.returncode == 0, ran.stderr
+    assert len(json.loads(ran.stdout)["submitted"]) == 1
+    (batch,) = json.loads(_cli(env, "--json").stdout)["batches"]
+    assert batch["status"] == "in_progress" and batch["requests"] == 3
+    cancelled = _cli(env, "cancel", batch["provider_batch_id"], "--json")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout)["status"] == "ended"
+    assert _cli(env, "run").returncode == 0  # ingests: three `canceled`, collected again
+    (batch,) = json.loads(_cli(env, "--json").stdout)["batches"]
+    assert (batch["status"], batch["canceled"], batch["ingested"]) == ("ingested", 3, 3)
+    assert json.loads(_cli(env, "--json").stdout)["waiting"] == 0  # sent as messages
+    # bad input: an unknown batch (exit 4), batches turned off (exit 2)
+    unknown = _cli(env, "cancel", "msgbatch_nope")
+    assert unknown.returncode == 4 and "no provider batch 'msgbatch_nope'" in unknown.stderr
+    off = _cli({**env, "TIERFLEET_MESSAGE_BATCHES": "off"}, "run")
+    assert off.returncode == 2 and "TIERFLEET_MESSAGE_BATCHES=off" in off.stderr
