@@ -158,9 +158,10 @@ def _submit_one(
 
 
 def _requests(
-    backend: BatchBackend, rows: Sequence[Any], max_bytes: int
+    backend: BatchBackend, rows: Sequence[Any], max_bytes: int | None
 ) -> tuple[list[dict[str, Any]], int]:
-    """The batch lines for `rows`, in order, up to `max_bytes` of JSON in all."""
+    """The batch lines for `rows`, in order, up to `max_bytes` of JSON in all (None: all
+    of them, as chosen before)."""
     requests: list[dict[str, Any]] = []
     size = 0
     for row in rows:
@@ -170,7 +171,7 @@ def _requests(
         )  # fmt: skip
         request = backend.batch_request(spec, row.id)
         length = len(orjson.dumps(request)) + 1
-        if requests and size + length > max_bytes:
+        if max_bytes is not None and requests and size + length > max_bytes:
             break
         requests.append(request)
         size += length
@@ -282,7 +283,7 @@ def _recover_submitting(
         else:
             with rt.ledger.begin() as conn:
                 rows = conn.execute(sql.BATCH_REQUESTS_OF, {"p_batch": row.id}).all()
-            requests, _ = _requests(backend, rows, rt.settings.batch_max_bytes * 2)
+            requests, _ = _requests(backend, rows, None)
             _create(rt, backend, row.id, requests, report, send)
         report.recovered.append(row.id)
 

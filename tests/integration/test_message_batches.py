@@ -308,3 +308,27 @@ def test_the_batches_command_lists_runs_and_cancels(
     assert unknown.returncode == 4 and "no provider batch 'msgbatch_nope'" in unknown.stderr
     off = _cli({**env, "TIERFLEET_MESSAGE_BATCHES": "off"}, "run")
     assert off.returncode == 2 and "TIERFLEET_MESSAGE_BATCHES=off" in off.stderr
+
+
+def test_a_create_that_never_reached_the_provider_is_sent_again(
+    brt: Runtime, fake_anthropic: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tierfleet.errors import ProviderUnavailable
+
+    ids = collect(brt, [f"Sentiment of review {i}: 'ok'" for i in range(4)])
+    _set(brt, batch_max_wait_s=0, batch_lock_s=0.001)
+    backend = brt.backends["frontier"]
+    real_create = backend.create_batch  # type: ignore[attr-defined]
+
+    def refused_connection(requests: list[dict[str, Any]]) -> Any:
+        raise ProviderUnavailable("anthropic connection failed: connection refused")
+
+    monkeypatch.setattr(backend, "create_batch", refused_connection)
+    message_batches.run(brt, Sent())
+    assert [b.status for b in _batches(brt)] == ["submitting"] and not fake_anthropic.batches
+    monkeypatch.setattr(backend, "create_batch", real_create)
+    report = message_batches.run(brt, Sent())  # not at the provider: sent again, same rows
+    assert len(report.recovered) == 1 and len(fake_anthropic.batches) == 1
+    (sent,) = fake_anthropic.batches.values()
+    assert len(sent.requests) == 4
+    assert {j.status for j in _jobs(brt, ids).values()} == {JobStatus.SUCCEEDED}
