@@ -2,6 +2,10 @@
 
 Call `setup_logging()` once where a process starts. Fields passed through `extra=` (the
 job's id, tier, feature, ...) are printed; nothing else from the record is.
+
+A line per job or per message is DEBUG, tierfleet's and Celery's ("Task ... received",
+"succeeded in"): at a million jobs a day they would cost more than they tell, and the
+ledger holds every attempt. INFO keeps what an operator acts on.
 """
 
 from __future__ import annotations
@@ -28,9 +32,15 @@ class KeyValueFormatter(logging.Formatter):
         return line
 
 
+_PER_MESSAGE = ("celery.app.trace", "celery.worker.strategy")  # a line per task run
+
+
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(KeyValueFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    per_message = logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING
+    for name in _PER_MESSAGE:
+        logging.getLogger(name).setLevel(per_message)

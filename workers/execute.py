@@ -94,7 +94,7 @@ def triage_job(rt: Runtime, job_id: str) -> Next | None:
         ).scalar_one_or_none()
     if moved is None:
         return None
-    log.info(
+    log.debug(
         "triaged",
         extra={
             "action": "triage.done",
@@ -145,7 +145,7 @@ def triage_range(
             decided.append((row.id, Next(decision.tier)))
         if params:
             conn.execute(sql.TRIAGE_WRITE_MANY, params)
-    log.info(
+    log.debug(
         "triaged a chunk",
         extra={"action": "triage.range", "batch_id": batch_id, "lines": f"{first}-{last}",
                "jobs": len(decided)},
@@ -451,7 +451,7 @@ def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
     if claimed is None:
         return None
     if claimed.collected:
-        log.info(
+        log.debug(
             "collected for a provider batch",
             extra={"action": "attempt.collected", "job_id": job_id, "tier": tier},
         )
@@ -527,7 +527,7 @@ def _settle(
         )
         return None
     _teach_router(rt, claimed, tier, decision)
-    log.info(
+    log.debug(
         "attempt",
         extra={
             "action": "attempt.done",
