@@ -269,7 +269,7 @@ def test_cancel_stops_unstarted_jobs(
     batch = json.loads(cli("submit", str(path), "--json").stdout)["batch_id"]
     cancelled = json.loads(cli("cancel", batch, "--json").stdout)
     assert cancelled == {"batch_id": batch, "cancelled": 50}
-    workers = start_workers("all")
+    workers = start_workers("all", TIERFLEET_LOG_LEVEL="DEBUG")  # a line per chunk
     with ledger.session() as s:
         assert s.get(Batch, batch).cancelled_at is not None  # type: ignore[union-attr]
     # the chunk message is consumed and finds nothing to triage
