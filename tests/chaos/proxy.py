@@ -56,20 +56,8 @@ class TcpProxy:
     def _close_all(self) -> None:
         with self._lock:
             pairs, self._pairs = self._pairs, []
-        for a, b in pairs:
-            for s in (a, b):
-                # A reset, not a close: the peer (Postgres) must see the connection die
-                # and roll back its transaction. shutdown() first, because a close alone
-                # does not wake the pipe thread blocked in recv(), and the socket would
-                # live on (with its session's locks) until that returns.
-                with contextlib.suppress(OSError):
-                    s.setsockopt(
-                        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-                    )
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                with contextlib.suppress(OSError):
-                    s.close()
+        for pair in pairs:
+            _reset(*pair)
 
     def _accept(self) -> None:
         while not self._stop.is_set():
@@ -89,6 +77,11 @@ class TcpProxy:
                 continue
             upstream.settimeout(None)
             with self._lock:
+                # cut() may have run since the check above: a pair it did not see must not
+                # carry traffic through the outage
+                if not self._open.is_set():
+                    _reset(conn, upstream)
+                    continue
                 self._pairs.append((conn, upstream))
             for src, dst in ((conn, upstream), (upstream, conn)):
                 threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
@@ -101,6 +94,25 @@ class TcpProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.close()
+            # One side has ended: end the other for real. A bare close() would leave the
+            # socket alive in the kernel, owned by no one, while the opposite pipe thread
+            # sits in recv() on it; Postgres would then never hear of the end and keep the
+            # session, idle in its transaction, with its locks.
+            _reset(src, dst, hard=False)
+
+
+def _reset(*socks: socket.socket, hard: bool = True) -> None:
+    """End each socket so that its peer (Postgres) sees the connection die and rolls back
+    its transaction: a reset when `hard` (data in flight dropped), else an orderly end.
+    shutdown() first, because a close alone does not wake a pipe thread blocked in
+    recv(), and the socket would live on until that returns."""
+    for s in socks:
+        with contextlib.suppress(OSError):
+            if hard:
+                s.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            s.close()
