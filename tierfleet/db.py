@@ -72,6 +72,7 @@ class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -83,6 +84,13 @@ class Ledger:
     def begin(self) -> Iterator[Connection]:
         """A Core transaction on one connection: commits on success, rolls back on error."""
         with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """A connection whose every statement commits on its own: for a write that is one
+        statement, one round trip (no BEGIN, no COMMIT)."""
+        with self._autocommit.connect() as conn:
             yield conn
 
     @property

@@ -78,6 +78,10 @@ class Budgets:
             out.append(FRONTIER_SCOPE)
         return out
 
+    def may_hold(self, conn: Connection, tier: str) -> bool:
+        """Could `hold` stop an attempt on `tier`? (Not while no cap is set.)"""
+        return tier == C.TIER_LADDER[-1] and bool(self.caps(conn))
+
     def hold(self, conn: Connection, feature: str, tier: str) -> Hold | None:
         """None when a frontier attempt of `feature` may spend; else why it waits."""
         if tier != C.TIER_LADDER[-1]:

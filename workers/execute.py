@@ -178,9 +178,12 @@ class _Claimed:
 
 def batching(rt: Runtime, tier: str, spec: JobSpec) -> bool:
     """Does this attempt go out in a provider batch (half price) instead of a call?"""
+    return spec.latency == C.LATENCY_BATCH and _may_batch(rt, tier)
+
+
+def _may_batch(rt: Runtime, tier: str) -> bool:
     return (
-        spec.latency == C.LATENCY_BATCH
-        and rt.settings.message_batches != "off"
+        rt.settings.message_batches != "off"
         and tier == rt.policy.ladder[-1]
         and isinstance(rt.backends.get(tier), BatchBackend)
     )
@@ -206,11 +209,13 @@ def _claim_once(
     rt: Runtime, job_id: str, tier: str, now: dt.datetime, *, again: bool
 ) -> _Claimed | None:
     lease_s = _timeout_s(rt, tier, DEFAULT_MAX_TOKENS) + rt.settings.lease_grace_s
+    params = {"p_id": job_id, "p_tier": tier, "p_now": now, "p_until": now + _s(lease_s)}
+    if not again:
+        fast = _claim_triaged(rt, tier, params, lease_s)
+        if fast is not None:
+            return fast
     with rt.ledger.begin() as conn:
-        row = conn.execute(
-            sql.CLAIM,
-            {"p_id": job_id, "p_tier": tier, "p_now": now, "p_until": now + _s(lease_s)},
-        ).one_or_none()
+        row = conn.execute(sql.CLAIM, params).one_or_none()
         if row is None and again:
             # the earlier try's transaction did all the rest (hold check, take-over)
             landed = conn.execute(
@@ -246,6 +251,28 @@ def _claim_once(
                  "collected_at": now},
             )  # fmt: skip
             return dataclasses.replace(claimed, collected=True)
+    return claimed
+
+
+def _claim_triaged(
+    rt: Runtime, tier: str, params: dict[str, Any], lease_s: float
+) -> _Claimed | None:
+    """The common claim in one statement, committed on its own: a triaged job, on a tier
+    where no budget can hold it and no provider batch collects it. None: not that case;
+    the full claim decides (a take-over, a duplicate message, a spent cap)."""
+    with rt.ledger.autocommit() as conn:
+        if rt.budgets.may_hold(conn, tier) or _may_batch(rt, tier):
+            return None
+        row = conn.execute(sql.CLAIM_TRIAGED, params).one_or_none()
+        if row is None:
+            return None
+        claimed = _claimed(params["p_id"], row)
+        need_s = _timeout_s(rt, tier, claimed.spec.max_tokens) + rt.settings.lease_grace_s
+        if need_s > lease_s:  # a lease a moment short if this worker dies now: harmless
+            until = params["p_now"] + _s(need_s)
+            conn.execute(
+                sql.EXTEND_LEASE, {"p_id": params["p_id"], "p_seq": claimed.seq, "p_until": until}
+            )
     return claimed
 
 
@@ -584,6 +611,10 @@ def _book(
     `booked` holds what earlier tries of this booking decided: a try whose commit landed
     but whose reply an outage cut off is found by its attempt row and not booked again
     (the successor of a lost worker writes that row too, but with its own start time)."""
+    if not booked and claimed.capped_batch is None and rt.ledger.dialect == "postgresql":
+        fast = _book_alone(rt, claimed, tier, call, row, booked)
+        if fast is not _NOT_ALONE:
+            return fast
     job_id = claimed.spec.id
     with rt.ledger.begin() as conn:
         if booked:
@@ -594,12 +625,14 @@ def _book(
                 return booked[-1]
         decision = _decide(rt, conn, job_id, tier, call, claimed.floor)
         statement, params = _record(decision, call.result)
-        applied = conn.execute(
-            statement, {"p_id": job_id, "p_seq": claimed.seq, "p_cost": row["cost_usd"], **params}
-        ).first()
-        if applied is not None:
-            conn.execute(sql.INSERT_ATTEMPT, row)
+        params.update(p_id=job_id, p_seq=claimed.seq, p_cost=row["cost_usd"])
+        if conn.dialect.name == "postgresql":
+            applied = conn.execute(sql.BOOKING[statement], _booking(row, params)).first()
         else:
+            applied = conn.execute(statement, params).first()
+            if applied is not None:
+                conn.execute(sql.INSERT_ATTEMPT, row)
+        if applied is None:
             fenced = {
                 **row,
                 "outcome": Outcome.ABANDONED,
@@ -615,6 +648,42 @@ def _book(
             )
         booked.append(decision if applied is not None else None)
         return booked[-1]
+
+
+_NO_BATCH = {"provider_batch_id": None}  # an attempt's row run outside a provider batch
+_NOT_ALONE = Decision(Action.RETRY)  # a marker: `_book_alone` left the booking to `_book`
+
+
+def _booking(row: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters of `sql.BOOKING`: the record's, and the attempt's row as `a_*`."""
+    return {**{f"a_{name}": value for name, value in {**_NO_BATCH, **row}.items()}, **params}
+
+
+def _book_alone(
+    rt: Runtime,
+    claimed: _Claimed,
+    tier: str,
+    call: CallResult,
+    row: dict[str, Any],
+    booked: list[Decision | None],
+) -> Decision | None:
+    """The common booking in one statement, committed on its own (PostgreSQL): no daily
+    budget or batch cap to add to, and the lease still held. Anything else, `_NOT_ALONE`:
+    `_book`'s transaction does it (nothing was written). `booked` gets the decision
+    before the statement runs, so that a try whose reply is lost is looked for, not
+    booked again."""
+    job_id = claimed.spec.id
+    with rt.ledger.autocommit() as conn:
+        if rt.budgets.scopes(conn, claimed.spec.feature, tier):
+            return _NOT_ALONE
+        decision = _decide(rt, conn, job_id, tier, call, claimed.floor)
+        statement, params = _record(decision, call.result)
+        params.update(p_id=job_id, p_seq=claimed.seq, p_cost=row["cost_usd"])
+        booked.append(decision)
+        if conn.execute(sql.BOOKING[statement], _booking(row, params)).first() is not None:
+            return decision
+        booked.pop()  # fenced: nothing written
+    return _NOT_ALONE
 
 
 def _with_ledger_retry(rt: Runtime, job_id: str, write: Callable[[], _T]) -> _T:

@@ -94,19 +94,9 @@ _CAP_REACHED = (
 # mid-call. SET sees the row as it was, so `lost_leased_at` comes back non-null exactly
 # when this claim took a job over.
 _RUNNING = JobStatus.RUNNING
-CLAIM = (
+_TRIAGED_UNCAPPED = and_(Job.status == JobStatus.TRIAGED, not_(_CAP_REACHED))
+_CLAIM = (
     update(Job)
-    .where(
-        Job.id == _p("p_id"),
-        Job.tier == _p("p_tier", _job.tier),
-        or_(
-            and_(Job.status == JobStatus.TRIAGED, not_(_CAP_REACHED)),
-            and_(
-                Job.status == _RUNNING,
-                or_(Job.lease_until.is_(None), Job.lease_until < _p("p_now", _job.lease_until)),
-            ),
-        ),
-    )
     .values(
         status=_RUNNING,
         attempt_count=Job.attempt_count + 1,
@@ -133,6 +123,15 @@ CLAIM = (
         .label("spend_cap_usd"),
     )
 )
+_ON_TIER = and_(Job.id == _p("p_id"), Job.tier == _p("p_tier", _job.tier))
+_LEASE_LAPSED = and_(
+    Job.status == _RUNNING,
+    or_(Job.lease_until.is_(None), Job.lease_until < _p("p_now", _job.lease_until)),
+)
+CLAIM = _CLAIM.where(_ON_TIER, or_(_TRIAGED_UNCAPPED, _LEASE_LAPSED))
+# The common case alone, in a statement of its own (autocommit): a triaged job. Its
+# `lost_leased_at` comes back null; None back, and the full CLAIM decides.
+CLAIM_TRIAGED = _CLAIM.where(_ON_TIER, _TRIAGED_UNCAPPED)
 # A capped batch's running spend, added to in the transaction that books each attempt.
 ADD_BATCH_SPEND = (
     update(Batch)
@@ -230,6 +229,26 @@ RECORD_FAILED = _record(
 )
 RECORD_ESCALATED = _record(status=JobStatus.TRIAGED, tier=_p("p_tier", _job.tier))
 RECORD_RETRY = _record(status=JobStatus.TRIAGED)
+
+# The attempt's row, as `booking` inserts it: every column but the server-stamped one.
+ATTEMPT_COLUMNS = tuple(c for c in Attempt.__table__.c if c.name != "created_at")
+
+
+def booking(record: Any) -> Any:
+    """`record` and the attempt's INSERT as one statement (PostgreSQL): the row goes in
+    only when the record applied, so a row back means both happened and none means
+    neither did. One round trip where there were two, on every attempt. The row's values
+    are bound as `a_<column>` (a parameter named like a `jobs` column would become a SET
+    of the UPDATE)."""
+    applied = record.cte("applied")
+    values = select(*(_p(f"a_{c.name}", c) for c in ATTEMPT_COLUMNS)).select_from(applied)
+    return insert(Attempt).from_select(ATTEMPT_COLUMNS, values).returning(Attempt.id)
+
+
+BOOKING = {
+    record: booking(record)
+    for record in (RECORD_SUCCEEDED, RECORD_FAILED, RECORD_ESCALATED, RECORD_RETRY)
+}
 
 # The rare paths: an attempt that outlived its lease, a job given up on.
 ADD_COST = (

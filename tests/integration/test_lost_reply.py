@@ -26,14 +26,31 @@ from workers.runtime import Runtime
 pytestmark = pytest.mark.integration
 
 
+def _reset() -> OperationalError:
+    return OperationalError("COMMIT", None, ConnectionResetError("connection reset"))
+
+
 class ReplyLost:
-    """Wraps `rt.ledger.begin`: the first transaction that runs `statement` commits, and
-    then its caller gets the error a dropped connection raises."""
+    """Wraps `rt.ledger.begin` and `rt.ledger.autocommit`: the first transaction that runs
+    `statement` commits (in autocommit, the statement itself), and then its caller gets
+    the error a dropped connection raises."""
 
     def __init__(self, rt: Runtime, statement: Any) -> None:
         self.statement, self.lost = statement, 0
-        self._begin = rt.ledger.begin
+        self._begin, self._autocommit = rt.ledger.begin, rt.ledger.autocommit
         rt.ledger.begin = self.begin  # type: ignore[method-assign]
+        rt.ledger.autocommit = self.autocommit  # type: ignore[method-assign]
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        def landed(_conn: Any, clause: Any, *_args: Any) -> None:
+            if not self.lost and clause is self.statement:
+                self.lost += 1
+                raise _reset()
+
+        with self._autocommit() as conn:
+            event.listen(conn, "after_execute", landed)
+            yield conn
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
@@ -47,7 +64,7 @@ class ReplyLost:
             yield conn
         if not self.lost and any(c is self.statement for c in ran):
             self.lost += 1
-            raise OperationalError("COMMIT", None, ConnectionResetError("connection reset"))
+            raise _reset()
 
 
 def _ledger(rt: Runtime, job_id: str) -> tuple[Job, list[Attempt]]:
@@ -60,9 +77,10 @@ def _ledger(rt: Runtime, job_id: str) -> tuple[Job, list[Attempt]]:
 @pytest.mark.parametrize(
     ("lost", "answer", "after"),
     [
-        (sql.CLAIM, GOOD, (None, JobStatus.SUCCEEDED, "slm")),
-        (sql.INSERT_ATTEMPT, GOOD, (None, JobStatus.SUCCEEDED, "slm")),
-        (sql.INSERT_ATTEMPT, BAD, (Next("frontier"), JobStatus.TRIAGED, "frontier")),
+        (sql.CLAIM_TRIAGED, GOOD, (None, JobStatus.SUCCEEDED, "slm")),
+        # on PostgreSQL an attempt is booked in one statement with its job's change
+        (sql.BOOKING[sql.RECORD_SUCCEEDED], GOOD, (None, JobStatus.SUCCEEDED, "slm")),
+        (sql.BOOKING[sql.RECORD_ESCALATED], BAD, (Next("frontier"), JobStatus.TRIAGED, "frontier")),
     ],
     ids=["claim", "booking-succeeded", "booking-escalated"],
 )
