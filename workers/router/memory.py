@@ -118,14 +118,18 @@ def _apply(s: FeatureStats, o: Outcome) -> None:
 
 
 class RedisMemory:
-    """The shared memory in Redis. `stats` serves a snapshot at most `refresh_s` old."""
+    """The shared memory in Redis. `stats` serves a snapshot at most `refresh_s` old;
+    what a worker triages and learns is added up here and sent as one pipeline about as
+    often (and on close): a worker lost without closing loses at most that much of its
+    labels, never a job."""
 
     def __init__(self, client: redis.Redis, refresh_s: float = 2.0) -> None:
         self.client = client
         self.refresh_s = refresh_s
         self._snapshot: dict[str, FeatureStats] = {}
         self._loaded_at = -1e9
-        self._pending: dict[tuple[str, int], int] = defaultdict(int)
+        self._pending: dict[tuple[str, str], float] = defaultdict(float)  # (hash, field)
+        self._flushed_at = time.monotonic()
         self._lock = threading.Lock()
 
     @classmethod
@@ -139,20 +143,22 @@ class RedisMemory:
 
     def triaged(self, feature: str, score: float) -> None:
         with self._lock:
-            self._pending[(feature, bin_of(score))] += 1
+            self._pending[(_HIST, f"{feature}{_SEP}t{_SEP}{bin_of(score)}")] += 1
 
     def learn(self, outcome: Outcome) -> None:
         f, b = outcome.feature, bin_of(outcome.score)
-        with self.client.pipeline(transaction=False) as pipe:
+        with self._lock:
+            pending = self._pending
             if outcome.positive:
-                pipe.hincrbyfloat(_STATS, f"{f}{_SEP}positives", outcome.positive)
+                pending[(_STATS, f"{f}{_SEP}positives")] += outcome.positive
             if outcome.observed:
-                pipe.hincrbyfloat(_STATS, f"{f}{_SEP}n", 1)
-                pipe.hincrbyfloat(_STATS, f"{f}{_SEP}prior_sum", outcome.prior)
-                pipe.hincrby(_HIST, f"{f}{_SEP}o{_SEP}{b}", 1)
+                pending[(_STATS, f"{f}{_SEP}n")] += 1
+                pending[(_STATS, f"{f}{_SEP}prior_sum")] += outcome.prior
+                pending[(_HIST, f"{f}{_SEP}o{_SEP}{b}")] += 1
                 if outcome.escalated:
-                    pipe.hincrby(_HIST, f"{f}{_SEP}e{_SEP}{b}", 1)
-            pipe.execute()
+                    pending[(_HIST, f"{f}{_SEP}e{_SEP}{b}")] += 1
+        if time.monotonic() - self._flushed_at > self.refresh_s:
+            self.flush()
 
     def reset(self, stats: dict[str, FeatureStats]) -> None:
         """Replace everything (`tierfleet triage retrain`), in one transaction."""
@@ -176,14 +182,20 @@ class RedisMemory:
         self._loaded_at = -1e9
 
     def flush(self) -> None:
+        """Send what was triaged and learnt since the last flush (kept for the next one
+        when Redis does not answer; the error is raised)."""
         with self._lock:
-            pending, self._pending = self._pending, defaultdict(int)
+            pending, self._pending = self._pending, defaultdict(float)
+            self._flushed_at = time.monotonic()
         if not pending:
             return
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                for (f, b), n in pending.items():
-                    pipe.hincrby(_HIST, f"{f}{_SEP}t{_SEP}{b}", n)
+                for (name, field), n in pending.items():
+                    if name == _HIST:  # counts
+                        pipe.hincrby(name, field, round(n))
+                    else:
+                        pipe.hincrbyfloat(name, field, n)
                 pipe.execute()
         except redis.RedisError:
             with self._lock:  # keep them for the next flush
