@@ -10,7 +10,6 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Queue
 
-from tierfleet import redis_transport
 from tierfleet.errors import ConfigurationError
 from tierfleet.settings import Settings, redact_url
 
@@ -45,7 +44,6 @@ def all_queues(settings: Settings) -> list[str]:
 def _conf(settings: Settings, broker_url: str) -> dict[str, Any]:
     return {
         "broker_url": BrokerURL(broker_url),
-        **_transport(broker_url),
         "broker_connection_retry_on_startup": True,
         # Longer than the longest call plus its retries: a message is redelivered
         # only when its worker really died.
@@ -66,14 +64,6 @@ def _conf(settings: Settings, broker_url: str) -> dict[str, Any]:
         "task_send_sent_event": False,
         "enable_utc": True,
     }
-
-
-def _transport(broker_url: str) -> dict[str, Any]:
-    """kombu's Redis transport with a shared client (`tierfleet.redis_transport`) for a
-    plain Redis URL; any other (memory://, sentinel://) keeps kombu's own."""
-    if broker_url.startswith(("redis://", "rediss://")):
-        return {"broker_transport": redis_transport.NAME}
-    return {}
 
 
 def _transport_options(settings: Settings, broker_url: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from celery.signals import worker_process_init
 from tierfleet import constants as C
 from tierfleet.settings import Settings
 from tierfleet.transport import make_celery
-from workers import runtime
+from workers import redis_transport, runtime
 
 POOLS = ("triage", "slm", "frontier", "all")
 
@@ -43,6 +43,7 @@ class PoolPlan:
 
 
 def create_app(settings: Settings, *, broker_url: str | None = None) -> Celery:
+    redis_transport.install()
     app = make_celery(settings, broker_url=broker_url)
     app.conf.include = ["workers.tasks"]
     # Messages no task can run (undecodable, unknown) are dead-lettered, not just logged.

@@ -6,6 +6,10 @@ table of some two hundred response callbacks, which cost a tenth of a triage wor
 time. A `redis.Redis` is safe to share between threads (each command takes a connection
 from the pool), so a channel keeps one, built again only when kombu replaces its pool
 (after a lost connection). Everything else is kombu's.
+
+`install()` makes it the transport of redis:// and rediss:// URLs in this process: a
+worker's (the URL, and so every log line that names the broker, stays as it was).
+Producers in other programs keep kombu's own.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
 
@@ -35,5 +40,6 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-# What Celery's `broker_transport` names for a redis:// or rediss:// broker URL.
-NAME = f"{__name__}:Transport"
+def install() -> None:
+    for scheme in ("redis", "rediss"):
+        TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
