@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import kombu.transport as kombu_transport
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
@@ -41,5 +42,7 @@ class Transport(kombu_redis.Transport):
 
 
 def install() -> None:
+    resolved = getattr(kombu_transport, "_transport_cache", {})  # kombu's, by alias
     for scheme in ("redis", "rediss"):
         TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+        resolved.pop(scheme, None)  # resolved before this process installed it
