@@ -57,10 +57,14 @@ class Client:
         spec = parse_envelope(envelope)
         return self.submit_spec(spec, batch_id=batch_id)
 
-    def submit_spec(self, spec: JobSpec, *, batch_id: str | None = None) -> str:
+    def submit_spec(
+        self, spec: JobSpec, *, batch_id: str | None = None, team: str | None = None
+    ) -> str:
         payload = spec.payload_json()  # over MAX_ENVELOPE_BYTES: InvalidEnvelope, nothing sent
         with self.ledger.session() as s:
-            job_id, created = insert_job(s, spec, batch_id=batch_id, payload_json=payload)
+            job_id, created = insert_job(
+                s, spec, batch_id=batch_id, payload_json=payload, team=team
+            )
             still_queued = created or job_status(s, job_id) == C.JobStatus.QUEUED
         if still_queued:
             self.celery.send_task(C.TASK_TRIAGE, args=[job_id], queue=self.settings.queue_triage)

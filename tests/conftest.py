@@ -24,6 +24,7 @@ import redis
 from sqlalchemy import text
 
 from tierfleet.db import Ledger, make_engine, upgrade
+from tierfleet.models import Base
 from tierfleet.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,12 +64,7 @@ def database_url(pg_database: str) -> Iterator[str]:
     """The session database, emptied before each test."""
     engine = make_engine(pg_database)
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                "TRUNCATE attempts, jobs, batches, dead_letters, provider_batches, "
-                "batch_requests, budgets, budget_spend CASCADE"
-            )
-        )
+        conn.execute(text(f"TRUNCATE {', '.join(Base.metadata.tables)} CASCADE"))
     engine.dispose()
     yield pg_database
 

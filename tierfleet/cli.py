@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tierfleet import cli_batch, cli_batches, cli_budgets, cli_ops, cli_triage
+from tierfleet import cli_api, cli_batch, cli_batches, cli_budgets, cli_ops, cli_triage
 from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger, service_errors
 from tierfleet.errors import ConfigurationError, TierfleetError
 
@@ -30,6 +30,7 @@ app.add_typer(job_app, name="job")
 app.add_typer(cli_triage.triage_app, name="triage")
 app.add_typer(cli_budgets.budgets_app, name="budgets")
 app.add_typer(cli_batches.batches_app, name="batches")
+app.add_typer(cli_api.tokens_app, name="tokens")
 
 
 @app.command()
@@ -166,6 +167,7 @@ def job_get(job_id: str) -> None:
 
 for _name in ("submit", "status", "results", "cancel", "retry"):
     app.command(_name)(getattr(cli_batch, _name))
+app.command("serve")(cli_api.serve)
 app.command("beat")(cli_ops.beat)
 app.command("reconcile")(cli_ops.reconcile)
 app.command("dead-letters")(cli_ops.dead_letters)

@@ -144,6 +144,9 @@ class Job(Base):
     # the job over from such a worker (the start of the lapsed lease).
     # Why a job that could run is waiting (a daily budget reached), until it runs.
     hold_reason: Mapped[str | None] = mapped_column(Text)
+    # The team whose API token submitted it (`tierfleet serve`); None from the CLI and
+    # the Python client. A token sees its own team's jobs only.
+    team: Mapped[str | None] = mapped_column(String(100))
     leased_at: Mapped[dt.datetime | None] = mapped_column(_now())
     lease_until: Mapped[dt.datetime | None] = mapped_column(_now())
     lost_leased_at: Mapped[dt.datetime | None] = mapped_column(_now())
@@ -292,3 +295,20 @@ class BatchRequest(Base):
     collected_at: Mapped[dt.datetime] = mapped_column(_now())
 
     __table_args__ = (Index(None, "batch_id", "collected_at"),)
+
+
+class ApiToken(Base):
+    """A bearer token of the HTTP API, mapped to a team and a default feature. Only its
+    SHA-256 is kept (a token is 32 random bytes: a slow hash adds nothing); `prefix`, its
+    first characters, tells tokens apart in `tierfleet tokens list`."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    team: Mapped[str] = mapped_column(String(100))
+    feature: Mapped[str | None] = mapped_column(String(100))  # for envelopes without one
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    rate_limit: Mapped[str | None] = mapped_column(String(32))  # "100/second"; None: default
+    created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(_now())

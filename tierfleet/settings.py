@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     # that lapses means its worker was lost, and the reconciler runs the job again.
     lease_grace_s: float = Field(30.0, ge=0)
     reconcile_interval_s: float = Field(30.0, gt=0)
+    # The HTTP API (`tierfleet serve`): requests a token may make, unless it has its own.
+    api_rate_limit: str = "100/second"
     stale_after_s: float = Field(300.0, gt=0)
     max_worker_losses: int = Field(3, ge=1)
     max_task_errors: int = Field(3, ge=1)
@@ -134,6 +136,17 @@ class Settings(BaseSettings):
     )
     sim_frontier_invalid_rate: float = Field(0.0, ge=0, le=1)
     sim_seed: int = 0
+
+    @field_validator("api_rate_limit")
+    @classmethod
+    def _a_rate(cls, value: str) -> str:
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a rate; e.g. '100/second', '6000/minute'") from None
+        return value
 
     @field_validator("pinned_features")
     @classmethod

@@ -23,6 +23,7 @@ def insert_job(
     *,
     batch_id: str | None = None,
     payload_json: bytes | None = None,
+    team: str | None = None,
 ) -> tuple[str, bool]:
     """Insert `spec` as a queued job. Returns (job id, created); a job that already exists
     with the same idempotency key (or id) is returned with created=False. `payload_json`
@@ -40,6 +41,7 @@ def insert_job(
         "payload": payload,
         "cost_usd": Decimal(0),
         "attempt_count": 0,
+        "team": team,
     }
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
@@ -95,6 +97,7 @@ class JobView:
     cost_usd: Decimal
     attempts: tuple[AttemptView, ...]
     hold_reason: str | None = None  # why it waits (a daily budget spent), while it does
+    team: str | None = None  # whose API token submitted it
 
     @property
     def terminal(self) -> bool:
@@ -147,4 +150,5 @@ def get_job(session: Session, job_id: str) -> JobView:
         cost_usd=job.cost_usd,
         attempts=attempts,
         hold_reason=job.hold_reason,
+        team=job.team,
     )
