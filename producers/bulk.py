@@ -35,6 +35,7 @@ from celery import Celery
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql
 
+from producers import openai_batch
 from producers.copy import copy_rows, copy_text
 from producers.jsonl import Input, RawLine, read_lines
 from tierfleet import constants as C
@@ -63,6 +64,7 @@ class BatchOptions:
     batch_id: str | None = None
     max_line_bytes: int = MAX_ENVELOPE_BYTES
     skip_invalid: bool = False
+    team: str | None = None  # whose API token submitted the batch
 
     def defaults(self) -> dict[str, Any]:
         out: dict[str, Any] = {"latency": self.latency}
@@ -171,13 +173,15 @@ def parse_line(
             ) from None
         raise InvalidEnvelope(f"not JSON: {exc}") from None
     if isinstance(data, dict):
+        if openai_batch.is_request(data):  # OpenAI's batch format: the same job
+            data = openai_batch.to_envelope(data)
         data = {**defaults, **data}
         data.setdefault("idempotency_key", key)
         data.setdefault("id", job_id)
     return parse_envelope(data)
 
 
-def _row(spec: JobSpec, batch_id: str, line: int) -> bytes:
+def _row(spec: JobSpec, batch_id: str, line: int, team: str | None = None) -> bytes:
     """The job as one line of COPY text, in `producers.copy.COLUMNS` order."""
     # Every field from the input is escaped (a schema pattern's `$` lets a final newline
     # through in Python's regex dialect); the rest are ours, or an enum (latency).
@@ -185,7 +189,7 @@ def _row(spec: JobSpec, batch_id: str, line: int) -> bytes:
     fields = (
         copy_text(spec.id), copy_text(spec.idempotency_key), batch_id, str(line),
         copy_text(spec.feature), _QUEUED, copy_text(spec.route), spec.latency, payload,
-        "0", "0", "0",
+        "0", "0", "0", copy_text(team),
     )  # fmt: skip
     return ("\t".join(fields) + "\n").encode()
 
@@ -329,7 +333,7 @@ def _read_and_write(
         report.valid += 1
         if not writing or raw.no <= start_after:
             continue
-        chunk.append(_row(spec, report.batch_id, raw.no))
+        chunk.append(_row(spec, report.batch_id, raw.no, options.team))
         if len(chunk) >= CHUNK_LINES:
             writers.put(chunk, first, raw.no)
             chunk, first = [], raw.no + 1

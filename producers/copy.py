@@ -11,7 +11,7 @@ from tierfleet.errors import ConfigurationError
 
 COLUMNS = (
     "id", "idempotency_key", "batch_id", "line", "feature", "status", "route", "latency",
-    "payload", "cost_usd", "attempt_count", "attempt_floor",
+    "payload", "cost_usd", "attempt_count", "attempt_floor", "team",
 )  # fmt: skip
 _COLUMN_LIST = ", ".join(COLUMNS)
 _STAGE = "tierfleet_stage"

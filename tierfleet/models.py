@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     String,
@@ -312,3 +313,40 @@ class ApiToken(Base):
     rate_limit: Mapped[str | None] = mapped_column(String(32))  # "100/second"; None: default
     created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
     revoked_at: Mapped[dt.datetime | None] = mapped_column(_now())
+
+
+class ApiFile(Base):
+    """A file uploaded to the HTTP API (`POST /v1/files`, purpose `batch`): an OpenAI
+    batch input, kept whole (its size is capped) until a batch reads it."""
+
+    __tablename__ = "api_files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    team: Mapped[str] = mapped_column(String(100))
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column("bytes", BigInteger)
+    lines: Mapped[int] = mapped_column(Integer)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
+
+
+class ApiBatch(Base):
+    """An OpenAI-style batch (`POST /v1/batches`): its input file, and the tierfleet
+    batch (`batches.id`) its requests became jobs of. Its status and counts are read
+    from those jobs."""
+
+    __tablename__ = "api_batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    team: Mapped[str] = mapped_column(String(100))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    meta: Mapped[Any | None] = mapped_column("metadata", JSONDoc)
+    batch_id: Mapped[str] = mapped_column(String(64))
+    requests: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
+    cancelling_at: Mapped[dt.datetime | None] = mapped_column(_now())
+
+    __table_args__ = (Index(None, "team", "created_at"),)

@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(30.0, gt=0)
     # The HTTP API (`tierfleet serve`): requests a token may make, unless it has its own.
     api_rate_limit: str = "100/second"
+    # Caps on an uploaded batch file (OpenAI's own: 200 MB, 50,000 requests).
+    api_max_file_bytes: int = Field(100_000_000, gt=0)
+    api_max_batch_lines: int = Field(50_000, gt=0)
     stale_after_s: float = Field(300.0, gt=0)
     max_worker_losses: int = Field(3, ge=1)
     max_task_errors: int = Field(3, ge=1)

@@ -12,32 +12,35 @@ come in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so th
 that already read those show the message.
 """
 
-# No `from __future__ import annotations`: FastAPI reads the routes' annotations, and
-# those name what is local to `create_app`.
+from __future__ import annotations
 
 import dataclasses
 import functools
 import json
 import logging
-import time
-from typing import Annotated, Any, ClassVar, cast
+from typing import Annotated, Any, cast
 
 import orjson
 import redis
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPBearer
 from kombu.exceptions import OperationalError as BrokerError
-from limits import parse as parse_rate
-from limits.storage import RedisStorage
-from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError as LedgerError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producers.api import tokens
+from producers.api import batches, tokens
+from producers.api.common import (
+    Api,
+    ApiError,
+    BodyLimit,
+    Caller,
+    documented,
+    too_large,
+    unavailable,
+)
 from producers.api.tokens import TokenInfo
 from producers.client import Client
 from tierfleet.db import Ledger, engine_from_settings
@@ -50,97 +53,6 @@ from tierfleet.store import get_job
 from tierfleet.transport import make_celery
 
 log = logging.getLogger(__name__)
-
-_bearer = HTTPBearer(auto_error=False, description="A token from `tierfleet tokens create`.")
-
-
-class ApiError(Exception):
-    """An error response: its status, message, and OpenAI's `type`, `code`, `param`."""
-
-    TYPES: ClassVar[dict[int, str]] = {
-        400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-        404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-        429: "rate_limit_error", 503: "service_unavailable",
-    }  # fmt: skip
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        code: str,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        kind = self.TYPES.get(self.status, "api_error")
-        body = {"error": {"message": self.message, "type": kind, "param": self.param,
-                          "code": self.code}}  # fmt: skip
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-class Api:
-    """What the routes share: the client (ledger and broker), the limiter, Redis."""
-
-    def __init__(self, settings: Settings, client: Client, redis_client: redis.Redis) -> None:
-        self.settings = settings
-        self.client = client
-        self.ledger: Ledger = client.ledger
-        self.redis = redis_client
-        url = settings.redis_url_value()
-        assert url is not None
-        self.limiter = MovingWindowRateLimiter(RedisStorage(url))
-        self.default_rate = parse_rate(settings.api_rate_limit)
-
-    def authenticate(self, authorization: str | None) -> TokenInfo:
-        if not authorization:
-            raise ApiError(
-                401, "no bearer token: send `Authorization: Bearer <token>` (a token comes "
-                "from `tierfleet tokens create --team TEAM`)", code="missing_token",
-            )  # fmt: skip
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(
-                401, "the Authorization header must be `Bearer <token>`", code="invalid_auth"
-            )
-        try:
-            info = tokens.lookup(self.ledger, token.strip())
-        except LedgerError:
-            raise _unavailable("the ledger (Postgres)") from None
-        if info is None:
-            raise ApiError(401, "the bearer token is not a token of this fleet", code="bad_token")
-        if not info.active:
-            raise ApiError(
-                401, f"the bearer token {info.prefix}… ({info.id}) was revoked", code="revoked"
-            )
-        self._limit(info)
-        return info
-
-    def _limit(self, info: TokenInfo) -> None:
-        rate = parse_rate(info.rate_limit) if info.rate_limit else self.default_rate
-        try:
-            if self.limiter.hit(rate, "tierfleet-api", info.id):
-                return
-            reset_at, _ = self.limiter.get_window_stats(rate, "tierfleet-api", info.id)
-        except redis.RedisError:
-            log.warning("rate limiter unavailable; request let through", exc_info=True)
-            return
-        wait = max(1, round(reset_at - time.time()))
-        raise ApiError(
-            429, f"token {info.id} is over its rate limit of {rate}; retry in {wait} s",
-            code="rate_limited", headers={"Retry-After": str(wait)},
-        )  # fmt: skip
-
-
-def _unavailable(what: str) -> ApiError:
-    return ApiError(
-        503, f"{what} did not answer; try again shortly", code="unavailable",
-        headers={"Retry-After": "5"},
-    )  # fmt: skip
 
 
 def create_app(
@@ -162,14 +74,10 @@ def create_app(
         summary="Run LLM jobs on the cheapest model tier that passes validation.",
     )
     app.state.api = api
-
-    def caller(
-        authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-        _doc: Annotated[Any, Depends(_bearer)] = None,  # the bearer scheme, in the OpenAPI doc
-    ) -> TokenInfo:
-        return api.authenticate(authorization)
-
-    Caller = Annotated[TokenInfo, Depends(caller)]
+    files_cap = settings.api_max_file_bytes + 64 * 1024  # and the multipart framing
+    app.add_middleware(
+        BodyLimit, default=MAX_ENVELOPE_BYTES, caps={("POST", "/v1/files"): files_cap}
+    )
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -184,7 +92,9 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else "http_error"
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            exc.status_code, "http_error"
+        )
         return ApiError(exc.status_code, str(exc.detail), code=code).response()
 
     @app.get("/healthz", tags=["health"])
@@ -216,7 +126,7 @@ def create_app(
         tags=["jobs"],
         openapi_extra={"requestBody": {"required": True, "content": {
             "application/json": {"schema": _envelope_schema()}}}},
-        responses=_errors(400, 401, 409, 413, 429, 503),
+        responses=documented(400, 401, 409, 413, 429, 503),
     )  # fmt: skip
     async def submit_job(
         request: Request,
@@ -236,7 +146,7 @@ def create_app(
         envelope = _json_object(body)
         return await run_in_threadpool(_submit, api, who, envelope, idempotency_key)
 
-    @app.get("/v1/jobs/{job_id}", tags=["jobs"], responses=_errors(401, 403, 404, 429, 503))
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"], responses=documented(401, 403, 404, 429, 503))
     def get_job_view(job_id: str, who: Caller) -> dict[str, Any]:
         """A job's status, tier, result, attempts and cost so far."""
         try:
@@ -245,11 +155,12 @@ def create_app(
         except JobNotFound:
             raise ApiError(404, f"no job with id {job_id!r}", code="not_found") from None
         except LedgerError:
-            raise _unavailable("the ledger (Postgres)") from None
+            raise unavailable("the ledger (Postgres)") from None
         if view.team != who.team:
             raise ApiError(403, f"job {job_id} is not a job of team {who.team!r}", code="forbidden")
         return view.to_dict()
 
+    batches.add_routes(app)
     return app
 
 
@@ -277,7 +188,7 @@ def _submit(
         with api.ledger.session() as s:
             owner = s.execute(select(Job.team).where(Job.id == job_id)).scalar_one()
     except LedgerError:
-        raise _unavailable("the ledger (Postgres)") from None
+        raise unavailable("the ledger (Postgres)") from None
     except (BrokerError, redis.RedisError):
         raise ApiError(
             503, "the broker (Redis) did not answer; the job may be saved: send the request "
@@ -292,18 +203,14 @@ def _submit(
 async def _read_body(request: Request, cap: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
-        raise _too_large(cap)
+        raise too_large(cap)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > cap:
-            raise _too_large(cap)
+            raise too_large(cap)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _too_large(cap: int) -> ApiError:
-    return ApiError(413, f"the request body is over its limit of {cap:,} bytes", code="too_large")
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -323,16 +230,6 @@ def _envelope_schema() -> dict[str, Any]:
     """The job envelope's JSON Schema, as the OpenAPI document's request body."""
     schema = json.loads((schemas_dir() / "job.schema.json").read_text())
     return {k: v for k, v in schema.items() if not k.startswith("$")}
-
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    text_of: dict[int, str] = {
-        400: "bad input, the field named", 401: "no token, or not a valid one",
-        403: "another team's", 404: "not found", 409: "an id taken by another team's job",
-        413: "over the size limit", 429: "over the token's rate limit",
-        503: "Redis or Postgres did not answer",
-    }  # fmt: skip
-    return {s: {"description": text_of[s]} for s in statuses}
 
 
 def _version() -> str:

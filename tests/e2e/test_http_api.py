@@ -5,83 +5,21 @@ tokens, their failures, limits and bad input."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
-from producers.api import tokens
-from producers.api.app import create_app
 from tests.conftest import Workers, wait_until
+from tests.e2e.conftest import Api
 from tierfleet.cli import app as cli
-from tierfleet.db import Ledger
 from tierfleet.envelope import MAX_ENVELOPE_BYTES
-from tierfleet.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
 ENVELOPE = {"feature": "reviews", "prompt": "Classify: 'great value, fast delivery'",
             "output_schema": "sentiment"}  # fmt: skip
-
-
-@dataclass
-class Api:
-    url: str
-    ledger: Ledger
-
-    def token(self, team: str = "growth", **kw: Any) -> str:
-        return tokens.create(self.ledger, team, **kw)[1]
-
-    def curl(
-        self,
-        method: str,
-        path: str,
-        *,
-        token: str | None = None,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, Any, dict[str, str]]:
-        """The request by curl: status, parsed JSON body, response headers."""
-        args = ["curl", "-sS", "-X", method, "-D", "-", f"{self.url}{path}"]
-        for name, value in {**({"Authorization": f"Bearer {token}"} if token else {}),
-                            **(headers or {})}.items():  # fmt: skip
-            args += ["-H", f"{name}: {value}"]
-        if body is not None:
-            args += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
-        out = subprocess.run(args, input=body, capture_output=True, check=True).stdout
-        head, _, payload = out.partition(b"\r\n\r\n")
-        while head.startswith(b"HTTP/1.1 100"):  # curl's Expect: 100-continue
-            head, _, payload = payload.partition(b"\r\n\r\n")
-        lines = head.decode().split("\r\n")
-        status = int(lines[0].split()[1])
-        got = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
-        return status, json.loads(payload) if payload else None, got
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def api(settings: Settings, ledger: Ledger) -> Iterator[Api]:
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, timeout_s=20, what="the API server")
-    yield Api(f"http://127.0.0.1:{port}", ledger)
-    server.should_exit = True
-    thread.join(10)
 
 
 def test_a_job_submitted_with_curl_runs_and_is_read_back(
