@@ -70,9 +70,14 @@ def add_routes(app: FastAPI) -> None:
         who: Caller,
         file: Annotated[UploadFile, File(description="The batch input, OpenAI's JSONL")],
         purpose: Annotated[str, Form(max_length=32, description="batch")],
+        skip_invalid: Annotated[
+            bool, Query(description="Keep the valid lines of a file with bad ones.")
+        ] = False,
     ) -> dict[str, Any]:
         """Upload a batch input file. Every line is checked now: a file with a bad line
-        is refused whole, each error with its line number, and nothing is kept."""
+        is refused whole, each error with its line number, and nothing is kept; with
+        `skip_invalid=true` the valid lines are kept and the file's `status_details`
+        names the ones left out."""
         api = api_of(request)
         if purpose != "batch":
             raise ApiError(400, f"purpose must be 'batch', not {purpose!r}", code="invalid_purpose",
@@ -81,7 +86,7 @@ def add_routes(app: FastAPI) -> None:
         content = file.file.read(cap + 1)
         if len(content) > cap:
             raise ApiError(413, f"the file is over its limit of {cap:,} bytes", code="too_large")
-        lines = _check(content, api.settings.api_max_batch_lines)
+        content, lines, skipped = _check(content, api.settings.api_max_batch_lines, skip_invalid)
         row = ApiFile(
             id="file-" + secrets.token_hex(12), team=who.team, purpose=purpose,
             filename=(file.filename or "batch.jsonl")[:255], size=len(content), lines=lines,
@@ -91,7 +96,10 @@ def add_routes(app: FastAPI) -> None:
             s.add(row)
             s.flush()
             s.refresh(row)
-            return _file_object(row.id, row.size, row.created_at, row.filename, row.purpose)
+            made = _file_object(row.id, row.size, row.created_at, row.filename, row.purpose)
+        if skipped:
+            made["status_details"] = _summary(skipped, len(skipped), kept=lines)
+        return made
 
     @app.get("/v1/files/{file_id}", tags=["batches"], responses=documented(401, 403, 404, 429))
     def get_file(request: Request, file_id: str, who: Caller) -> dict[str, Any]:
@@ -199,18 +207,21 @@ def add_routes(app: FastAPI) -> None:
         return _batch_object(api, _get_batch(api, batch_id))
 
 
-def _check(content: bytes, max_lines: int) -> int:
+def _check(
+    content: bytes, max_lines: int, skip_invalid: bool = False
+) -> tuple[bytes, int, list[bulk.LineError]]:
     """Every line parses as a job and every custom_id is unique; else a 400 listing the
-    first errors by line. Returns the number of requests."""
+    first errors by line (with `skip_invalid`, the file without its bad lines). Returns
+    the content to keep, its number of requests, and the lines left out."""
     problems: list[bulk.LineError] = []
-    count = 0
+    kept: list[bytes] = []
     seen: dict[str, int] = {}
     raw_lines = content.split(b"\n")
     if raw_lines and raw_lines[-1] == b"":
         raw_lines.pop()
     if len(raw_lines) > max_lines:
         raise ApiError(413, f"the file has {len(raw_lines):,} lines, over the limit of "
-                    f"{max_lines:,}", code="too_many_lines")  # fmt: skip
+                       f"{max_lines:,}", code="too_many_lines")  # fmt: skip
     defaults = {"feature": "x", "latency": C.LATENCY_BATCH}  # the real ones come at submit
     for no, data in enumerate(raw_lines, start=1):
         if not data.strip():
@@ -223,28 +234,28 @@ def _check(content: bytes, max_lines: int) -> int:
             continue
         custom_id = (spec.metadata or {}).get("custom_id")
         if custom_id is None:
-            problems.append(bulk.LineError(no, "custom_id", "not an OpenAI batch request line "
-                                           "(custom_id, method, url, body)"))  # fmt: skip
+            why = "not an OpenAI batch request line (custom_id, method, url, body)"
         elif custom_id in seen:
-            problems.append(
-                bulk.LineError(
-                    no, "custom_id", f"custom_id {custom_id!r} is on line {seen[custom_id]} too"
-                )
-            )
+            why = f"custom_id {custom_id!r} is on line {seen[custom_id]} too"
         else:
             seen[custom_id] = no
-        count += 1
-    if problems:
+            kept.append(data)
+            continue
+        problems.append(bulk.LineError(no, "custom_id", why))
+    if problems and not (skip_invalid and kept):
         raise ApiError(400, _summary(problems, len(problems)), code="invalid_file", param="file")
-    if not count:
+    if not kept:
         raise ApiError(400, "the file has no requests", code="invalid_file", param="file")
-    return count
+    if problems:
+        return b"\n".join(kept) + b"\n", len(kept), problems
+    return content, len(kept), problems
 
 
-def _summary(problems: list[bulk.LineError], total: int) -> str:
+def _summary(problems: list[bulk.LineError], total: int, kept: int | None = None) -> str:
     shown = "; ".join(str(p) for p in problems[:SHOWN_ERRORS])
     more = f" (and {total - SHOWN_ERRORS} more)" if total > SHOWN_ERRORS else ""
-    return f"{total} invalid line{'s' if total != 1 else ''}, nothing submitted: {shown}{more}"
+    outcome = "nothing submitted" if kept is None else f"left out, {kept} kept"
+    return f"{total} invalid line{'s' if total != 1 else ''}, {outcome}: {shown}{more}"
 
 
 def _submit(api: Api, who: TokenInfo, source: ApiFile, batch_id: str) -> bulk.Report:

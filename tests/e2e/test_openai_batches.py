@@ -115,6 +115,11 @@ def test_a_file_with_bad_lines_is_refused_whole_naming_each_line(api: Api, tmp_p
     with api.ledger.begin() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM api_files").scalar_one() == 0
 
+    kept = client.files.create(file=path, purpose="batch", extra_query={"skip_invalid": "true"})
+    assert kept.status_details is not None
+    assert kept.status_details.startswith("3 invalid lines, left out, 1 kept")
+    assert client.files.content(kept.id).text == good + "\n"
+
 
 def test_files_over_their_caps_are_413(serve_api: Callable[..., Api], tmp_path: Path) -> None:
     small = serve_api(api_max_file_bytes=2000, api_max_batch_lines=3)
