@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger
 
@@ -59,12 +59,12 @@ def tokens_list(as_json: JsonFlag = False) -> None:
     if not rows:
         err.print("no tokens (tierfleet tokens create --team TEAM)")
         return
-    table = Table("id", "team", "feature", "prefix", "rate limit", "created", "revoked")
+    table = Table("team", "feature", "prefix", "rate limit", "created", "revoked")
+    table.columns.insert(0, Column("id", no_wrap=True, min_width=len(rows[0].id)))  # to copy
     for r in rows:
         table.add_row(
             r.id, r.team, r.feature or "", r.prefix + "…", r.rate_limit or "default",
-            f"{r.created_at:%Y-%m-%d %H:%M}",
-            f"{r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "",
+            f"{r.created_at:%Y-%m-%d}", f"{r.revoked_at:%Y-%m-%d}" if r.revoked_at else "",
         )  # fmt: skip
     Console().print(table)
 

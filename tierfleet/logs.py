@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import sys
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "color_message",  # uvicorn's copy of the message, in colour
+}  # fmt: skip
 
 
 class KeyValueFormatter(logging.Formatter):

@@ -67,7 +67,9 @@ class Api:
         self.redis = redis_client
         url = settings.redis_url_value()
         assert url is not None
-        self.limiter = MovingWindowRateLimiter(RedisStorage(url))
+        # a Redis that does not answer lets requests through (logged), after 2 s at most
+        storage = RedisStorage(url, socket_timeout=2, socket_connect_timeout=2)
+        self.limiter = MovingWindowRateLimiter(storage)
         self.default_rate = parse_rate(settings.api_rate_limit)
 
     def authenticate(self, authorization: str | None) -> TokenInfo:

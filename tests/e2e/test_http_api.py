@@ -5,6 +5,7 @@ tokens, their failures, limits and bad input."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -78,7 +79,8 @@ def test_auth_failures_are_401_and_403_with_a_reason(api: Api) -> None:
     assert api.curl("GET", "/v1/jobs/no-such-job", token=mine)[0] == 404
 
 
-def test_tokens_from_the_command_line(api: Api) -> None:
+def test_tokens_from_the_command_line(api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     runner = CliRunner()
     made = runner.invoke(cli, ["tokens", "create", "--team", "growth", "--feature", "reviews"])
     assert made.exit_code == 0, made.output
@@ -99,6 +101,7 @@ def test_tokens_from_the_command_line(api: Api) -> None:
     assert revoked.exit_code == 0, revoked.output
     status, body, _ = api.curl("POST", "/v1/jobs", token=token, body=b'{"prompt": "hi"}')
     assert (status, body["error"]["code"]) == (401, "revoked")
+    assert token not in caplog.text and token[len(row["prefix"]) :] not in revoked.output
     assert runner.invoke(cli, ["tokens", "revoke", "tok_nope"]).exit_code == 4
     bad = runner.invoke(cli, ["tokens", "create", "--team", "a b"])
     assert bad.exit_code == 2 and "team 'a b'" in bad.output
