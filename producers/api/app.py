@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import select, text
+from sqlalchemy.exc import DataError
 from sqlalchemy.exc import OperationalError as LedgerError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,6 +38,7 @@ from producers.api.common import (
     ApiError,
     BodyLimit,
     Caller,
+    PathId,
     documented,
     too_large,
     unavailable,
@@ -89,6 +91,12 @@ def create_app(
         where = ".".join(str(p) for p in first["loc"])
         message = f"{where}: {first['msg']}"
         return ApiError(400, message, code="invalid_request", param=where).response()
+
+    @app.exception_handler(DataError)
+    async def _unstorable(_request: Request, exc: DataError) -> JSONResponse:
+        # what got past the checks and the ledger refused (a NUL in a text field, say)
+        message = f"a value the ledger cannot store: {str(exc.orig).splitlines()[0]}"
+        return ApiError(400, message, code="invalid_value").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -147,7 +155,7 @@ def create_app(
         return await run_in_threadpool(_submit, api, who, envelope, idempotency_key)
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"], responses=documented(401, 403, 404, 429, 503))
-    def get_job_view(job_id: str, who: Caller) -> dict[str, Any]:
+    def get_job_view(job_id: PathId, who: Caller) -> dict[str, Any]:
         """A job's status, tier, result, attempts and cost so far."""
         try:
             with api.ledger.session() as s:

@@ -27,13 +27,13 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 from sqlalchemy import cast, func, select
 from sqlalchemy.dialects.postgresql import JSONB
 
 from producers import bulk
 from producers import openai_batch as oa
-from producers.api.common import Api, ApiError, Caller, documented
+from producers.api.common import PRINTABLE, Api, ApiError, Caller, PathId, QueryId, documented
 from producers.api.tokens import TokenInfo
 from producers.batches import cancel as cancel_batch
 from producers.jsonl import Input, RawLine
@@ -49,13 +49,19 @@ SHOWN_ERRORS = 10
 WINDOW = dt.timedelta(hours=24)
 
 
+MetaKey = Annotated[str, StringConstraints(max_length=64, pattern=PRINTABLE)]
+MetaValue = Annotated[str, StringConstraints(max_length=512, pattern=r"^[^\x00]*$")]
+
+
 class CreateBatch(BaseModel):
     """`POST /v1/batches`, as OpenAI's API takes it."""
 
-    input_file_id: str = Field(max_length=40)
+    input_file_id: str = Field(max_length=64, pattern=PRINTABLE)
     endpoint: str = Field(max_length=64, description=f"{oa.ENDPOINT} (the one supported)")
     completion_window: str = Field(max_length=16, description="24h")
-    metadata: dict[str, str] | None = None
+    metadata: dict[MetaKey, MetaValue] | None = Field(
+        None, max_length=16, description="Up to 16 keys of 64 characters, values of 512"
+    )
 
 
 def add_routes(app: FastAPI) -> None:
@@ -89,7 +95,7 @@ def add_routes(app: FastAPI) -> None:
         content, lines, skipped = _check(content, api.settings.api_max_batch_lines, skip_invalid)
         row = ApiFile(
             id="file-" + secrets.token_hex(12), team=who.team, purpose=purpose,
-            filename=(file.filename or "batch.jsonl")[:255], size=len(content), lines=lines,
+            filename=_filename(file.filename), size=len(content), lines=lines,
             content=content,
         )  # fmt: skip
         with api.ledger.session() as s:
@@ -102,7 +108,7 @@ def add_routes(app: FastAPI) -> None:
         return made
 
     @app.get("/v1/files/{file_id}", tags=["batches"], responses=documented(401, 403, 404, 429))
-    def get_file(request: Request, file_id: str, who: Caller) -> dict[str, Any]:
+    def get_file(request: Request, file_id: PathId, who: Caller) -> dict[str, Any]:
         """A file object: an uploaded input, or a batch's output or error file."""
         api = api_of(request)
         if file_id.startswith((OUT, ERR)):
@@ -115,7 +121,7 @@ def add_routes(app: FastAPI) -> None:
 
     @app.get("/v1/files/{file_id}/content", tags=["batches"],
              responses=documented(401, 403, 404, 429))  # fmt: skip
-    def file_content(request: Request, file_id: str, who: Caller) -> Response:
+    def file_content(request: Request, file_id: PathId, who: Caller) -> Response:
         """The file's bytes. A batch's output file has one line per request answered, in
         input order, as OpenAI writes them (`custom_id`, `response.body`, a
         `chat.completion`); its error file one per request that failed or was cancelled."""
@@ -167,7 +173,7 @@ def add_routes(app: FastAPI) -> None:
         request: Request,
         who: Caller,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        after: Annotated[str | None, Query(max_length=40)] = None,
+        after: QueryId = None,
     ) -> dict[str, Any]:
         """The team's batches, newest first (`after`: the last id of the previous page)."""
         api = api_of(request)
@@ -187,14 +193,14 @@ def add_routes(app: FastAPI) -> None:
                 "has_more": len(rows) > limit}  # fmt: skip
 
     @app.get("/v1/batches/{batch_id}", tags=["batches"], responses=documented(401, 403, 404, 429))
-    def get_batch(request: Request, batch_id: str, who: Caller) -> dict[str, Any]:
+    def get_batch(request: Request, batch_id: PathId, who: Caller) -> dict[str, Any]:
         """A batch's status and request counts, in OpenAI's shape."""
         api = api_of(request)
         return _batch_object(api, _own_batch(api, who, batch_id))
 
     @app.post("/v1/batches/{batch_id}/cancel", tags=["batches"],
               responses=documented(401, 403, 404, 429))  # fmt: skip
-    def cancel(request: Request, batch_id: str, who: Caller) -> dict[str, Any]:
+    def cancel(request: Request, batch_id: PathId, who: Caller) -> dict[str, Any]:
         """Cancel: requests not yet started are cancelled, running ones finish; the batch
         is `cancelling` until then, and `cancelled` after."""
         api = api_of(request)
@@ -380,6 +386,12 @@ def _results(api: Api, row: ApiBatch, *, errors_only: bool) -> Iterator[bytes]:
         elif status in (JobStatus.FAILED, JobStatus.CANCELLED) and errors_only:
             yield oa.error_line(custom_id=custom_id, job_id=job.id, status=status.value,
                                 error=job.error)  # fmt: skip
+
+
+def _filename(name: str | None) -> str:
+    """The upload's name as kept: printable, at most 255 characters."""
+    kept = "".join(c for c in (name or "") if c.isprintable())[:255]
+    return kept or "batch.jsonl"
 
 
 def _not_found(what: str, id_: str) -> ApiError:

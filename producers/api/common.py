@@ -8,7 +8,7 @@ import time
 from typing import Annotated, Any, ClassVar
 
 import redis
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from limits import parse as parse_rate
@@ -127,6 +127,12 @@ def caller(request: Request, _doc: Annotated[Any, Depends(_bearer)] = None) -> T
 
 
 Caller = Annotated[TokenInfo, Depends(caller)]
+
+# An id in a path or a query: printable (the ledger's text columns take no NUL; no id
+# holds a control character), and no longer than the ledger's ids.
+PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+PathId = Annotated[str, Path(max_length=64, pattern=PRINTABLE)]
+QueryId = Annotated[str | None, Query(max_length=64, pattern=PRINTABLE)]
 
 
 def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:

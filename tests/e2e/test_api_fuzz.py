@@ -3,10 +3,15 @@ for every operation, whatever a request holds, within the document (positive) or
 it (negative: wrong types, missing fields, bad headers), the answer is never a 5xx, and
 every error says what it is. With a valid token (so the routes behind auth are reached)
 and without one. (Driven through schemathesis' strategies and hypothesis directly: its
-pytest plugin does not load under this pytest.)"""
+pytest plugin does not load under this pytest.)
+
+The same examples each run, so that a run that passes passes again; a deeper, random run:
+`TIERFLEET_FUZZ_EXAMPLES=300 TIERFLEET_FUZZ_RANDOM=1 pytest tests/e2e/test_api_fuzz.py
+--timeout 1800`."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -17,12 +22,14 @@ from hypothesis.errors import Unsatisfiable
 from tests.e2e.conftest import Api
 
 pytestmark = pytest.mark.e2e
+EXAMPLES = int(os.environ.get("TIERFLEET_FUZZ_EXAMPLES", "30"))
+RANDOM = bool(os.environ.get("TIERFLEET_FUZZ_RANDOM"))
 
 
 def fuzz(operation: Any, mode: schemathesis.GenerationMode, bearer: dict[str, str]) -> None:
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck),
-              database=None)  # fmt: skip
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
+              database=None, derandomize=not RANDOM)  # fmt: skip
     def no_5xx(case: Any) -> None:
         for headers in (bearer, {}):
             response = case.call(headers=headers)

@@ -146,6 +146,9 @@ def test_bad_input_is_400_or_413_and_names_the_problem(api: Api) -> None:
     assert (status, body["error"]["code"], body["error"]["param"]) == (
         400, "invalid_envelope", "max_tokens"
     )  # fmt: skip
+    for path in ("/v1/jobs/a%00b", "/v1/batches?after=%00", "/v1/files/%01"):  # no NUL in ids
+        status, body, _ = api.curl("GET", path, token=token)
+        assert (status, body["error"]["code"]) == (400, "invalid_request"), path
     huge = json.dumps({**ENVELOPE, "prompt": "x" * MAX_ENVELOPE_BYTES}).encode()
     status, body, _ = api.curl("POST", "/v1/jobs", token=token, body=huge)
     assert (status, body["error"]["code"]) == (413, "too_large")
