@@ -623,9 +623,7 @@ def _book(
                 landed.outcome != Outcome.ABANDONED or utc(landed.started_at) == row["started_at"]
             ):
                 return booked[-1]
-        decision = _decide(rt, conn, job_id, tier, call, claimed.floor)
-        statement, params = _record(decision, call.result)
-        params.update(p_id=job_id, p_seq=claimed.seq, p_cost=row["cost_usd"])
+        decision, statement, params = _decided(rt, conn, claimed, tier, call, row)
         if conn.dialect.name == "postgresql":
             applied = conn.execute(sql.BOOKING[statement], _booking(row, params)).first()
         else:
@@ -672,13 +670,10 @@ def _book_alone(
     `_book`'s transaction does it (nothing was written). `booked` gets the decision
     before the statement runs, so that a try whose reply is lost is looked for, not
     booked again."""
-    job_id = claimed.spec.id
     with rt.ledger.autocommit() as conn:
         if rt.budgets.scopes(conn, claimed.spec.feature, tier):
             return _NOT_ALONE
-        decision = _decide(rt, conn, job_id, tier, call, claimed.floor)
-        statement, params = _record(decision, call.result)
-        params.update(p_id=job_id, p_seq=claimed.seq, p_cost=row["cost_usd"])
+        decision, statement, params = _decided(rt, conn, claimed, tier, call, row)
         booked.append(decision)
         if conn.execute(sql.BOOKING[statement], _booking(row, params)).first() is not None:
             return decision
@@ -757,6 +752,22 @@ def _decide(
         retry_after_s=call.retry_after_s,
         not_run_before=sum(counts.get(o, 0) for o in _NOT_RUN),
     )
+
+
+def _decided(
+    rt: Runtime,
+    conn: Connection,
+    claimed: _Claimed,
+    tier: str,
+    call: CallResult,
+    row: dict[str, Any],
+) -> tuple[Decision, Any, dict[str, Any]]:
+    """The policy's decision on this attempt, the statement that records it on the job,
+    and that statement's parameters."""
+    decision = _decide(rt, conn, claimed.spec.id, tier, call, claimed.floor)
+    statement, params = _record(decision, call.result)
+    params.update(p_id=claimed.spec.id, p_seq=claimed.seq, p_cost=row["cost_usd"])
+    return decision, statement, params
 
 
 def _record(decision: Decision, result: Any) -> tuple[Any, dict[str, Any]]:
