@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from producers.api.app import create_app
 from tests.conftest import Workers, wait_until
 from tests.e2e.conftest import Api
 from tierfleet.cli import app as cli
 from tierfleet.envelope import MAX_ENVELOPE_BYTES
+from tierfleet.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
@@ -166,3 +171,19 @@ def test_a_token_over_its_rate_limit_gets_429_with_retry_after(api: Api) -> None
     )
     assert 1 <= int(headers["retry-after"]) <= 60
     assert api.curl("GET", "/v1/jobs/none", token=api.token())[0] == 404  # another token's own
+
+
+def test_readyz_names_the_service_that_does_not_answer(settings: Settings) -> None:
+    down = redis.Redis(host="127.0.0.1", port=_closed_port(), socket_timeout=1)
+    with TestClient(create_app(settings, redis_client=down)) as client:
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json() == {"ready": False, "redis": "error: ConnectionError",
+                                   "postgres": "ok"}  # fmt: skip
+        assert client.get("/healthz").status_code == 200  # the process itself is fine
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when this returns
