@@ -23,7 +23,7 @@ import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
@@ -42,6 +42,7 @@ from tierfleet.constants import JobStatus
 from tierfleet.errors import InvalidEnvelope
 from tierfleet.models import ApiBatch, ApiFile, Attempt, Job
 
+_Row = TypeVar("_Row", ApiFile, ApiBatch)
 OUT, ERR = "file-out-", "file-err-"
 # A job's custom_id, read in the database (the payload is text: the rest stays there).
 _CUSTOM_ID = func.jsonb_extract_path_text(cast(Job.payload, JSONB), "metadata", "custom_id")
@@ -279,13 +280,7 @@ def _submit(api: Api, who: TokenInfo, source: ApiFile, batch_id: str) -> bulk.Re
 
 
 def _own_file(api: Api, who: TokenInfo, file_id: str) -> ApiFile:
-    with api.ledger.session() as s:
-        row = s.get(ApiFile, file_id)
-    if row is None:
-        raise _not_found("file", file_id)
-    if row.team != who.team:
-        raise ApiError(403, f"file {file_id} is not a file of team {who.team!r}", code="forbidden")
-    return row
+    return _owned(api, who, ApiFile, "file", file_id)
 
 
 def _get_batch(api: Api, batch_id: str) -> ApiBatch:
@@ -294,13 +289,19 @@ def _get_batch(api: Api, batch_id: str) -> ApiBatch:
 
 
 def _own_batch(api: Api, who: TokenInfo, batch_id: str) -> ApiBatch:
+    return _owned(api, who, ApiBatch, "batch", batch_id)
+
+
+def _owned(api: Api, who: TokenInfo, model: type[_Row], what: str, id_: str) -> _Row:
+    """The row, when the caller's team owns it: 404 when there is none, 403 when it is
+    another team's."""
     with api.ledger.session() as s:
-        row = s.get(ApiBatch, batch_id)
+        row = s.get(model, id_)
     if row is None:
-        raise _not_found("batch", batch_id)
+        raise _not_found(what, id_)
     if row.team != who.team:
-        raise ApiError(403, f"batch {batch_id} is not a batch of team {who.team!r}",
-                    code="forbidden")  # fmt: skip
+        raise ApiError(403, f"{what} {id_} is not a {what} of team {who.team!r}",
+                       code="forbidden")  # fmt: skip
     return row
 
 

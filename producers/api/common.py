@@ -3,6 +3,7 @@ broker, limiter), and the bearer-token dependency, `Caller`."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Annotated, Any, ClassVar
@@ -11,7 +12,7 @@ import redis
 from fastapi import Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
-from limits import parse as parse_rate
+from limits import parse
 from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy.exc import OperationalError as LedgerError
@@ -24,6 +25,7 @@ from tierfleet.db import Ledger
 from tierfleet.settings import Settings
 
 log = logging.getLogger(__name__)
+parse_rate = functools.lru_cache(maxsize=256)(parse)  # a token's rate, read per request
 
 _bearer = HTTPBearer(auto_error=False, description="A token from `tierfleet tokens create`.")
 
