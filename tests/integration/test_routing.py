@@ -109,3 +109,18 @@ def test_retrain_rebuilds_the_memory_the_workers_built(
         assert after[f].triaged == before[f].triaged
         assert after[f].observed == before[f].observed
         assert after[f].escalated == before[f].escalated
+
+
+def test_an_explicit_route_names_the_starting_tier_and_an_invalid_answer_still_escalates(
+    rt: Runtime,
+) -> None:
+    """`route: slm` skips triage's rules and router, but not validation: a bad small
+    answer climbs to the frontier, as the schema's description of `route` says."""
+    small = script(rt, "slm", BAD)
+    big = script(rt, "frontier", GOOD)
+    job_id = new_job(rt, route="slm", feature="pinned-probe")
+    assert run(rt, job_id) == "slm"
+    with rt.ledger.session() as s:
+        job = s.get_one(Job, job_id)
+        assert (job.status, job.tier, job.triage_reason) == ("succeeded", "frontier", "route")
+    assert (small.calls, big.calls) == (1, 1)
