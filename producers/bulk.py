@@ -35,7 +35,7 @@ from celery import Celery
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql
 
-from producers import openai_batch
+from producers import openai_batch, teams
 from producers.copy import copy_rows, copy_text
 from producers.jsonl import Input, RawLine, read_lines
 from tierfleet import constants as C
@@ -147,13 +147,31 @@ def batch_id_for(digest: str, options: BatchOptions) -> str:
 
 
 def parse_line(
-    raw: RawLine, defaults: Mapping[str, Any], batch_id: str, limit: int = MAX_ENVELOPE_BYTES
+    raw: RawLine,
+    defaults: Mapping[str, Any],
+    batch_id: str,
+    limit: int = MAX_ENVELOPE_BYTES,
+    team: str | None = None,
 ) -> JobSpec:
-    """One line to a job, or `InvalidEnvelope` naming the field. The typed decoder takes
-    the common case; anything it declines goes through the reference parser."""
+    """One line to a job, or `InvalidEnvelope` naming the field. For a `team`'s batch,
+    the job's feature, and the id and idempotency key the line gives, are put in the
+    team's own space (`producers.teams`)."""
+    job_id, key = f"{batch_id}.{raw.no}", f"{batch_id}:{raw.no}"
+    spec = _parse_line(raw, defaults, job_id, key, limit)
+    if team is None:
+        return spec
+    return teams.scope_spec(
+        team, spec, own_id=spec.id != job_id, own_key=spec.idempotency_key != key
+    )
+
+
+def _parse_line(
+    raw: RawLine, defaults: Mapping[str, Any], job_id: str, key: str, limit: int
+) -> JobSpec:
+    """The typed decoder takes the common case; anything it declines goes through the
+    reference parser."""
     if raw.oversized:
         raise InvalidEnvelope(f"{raw.size:,} bytes is over the {limit:,}-byte limit")
-    job_id, key = f"{batch_id}.{raw.no}", f"{batch_id}:{raw.no}"
     try:
         return envelope_fast.decode(raw.data, defaults, job_id, key, C.TIER_LADDER)
     except envelope_fast.NotFast:
@@ -321,7 +339,7 @@ def _read_and_write(
             report.blank += 1
             continue
         try:
-            spec = parse_line(raw, defaults, report.batch_id, options.max_line_bytes)
+            spec = parse_line(raw, defaults, report.batch_id, options.max_line_bytes, options.team)
             _check_unique(spec, raw.no, report.batch_id, seen)
         except InvalidEnvelope as exc:
             text = raw.data[:2000].decode("utf-8", errors="replace")
@@ -371,7 +389,7 @@ def _open_batch(
                 id=batch_id,
                 digest=digest,
                 name=source.name[:200],
-                feature=options.feature,
+                feature=_batch_feature(options),
                 options=options.defaults(),
                 job_count=0,
                 spend_cap_usd=options.spend_cap_usd,
@@ -391,6 +409,12 @@ def _open_batch(
     if batch.cancelled_at is not None:
         raise InvalidEnvelope(f"batch {batch_id!r} was cancelled; nothing more is added")
     return batch
+
+
+def _batch_feature(options: BatchOptions) -> str | None:
+    if options.feature is None or options.team is None:
+        return options.feature
+    return teams.team_feature(options.team, options.feature)
 
 
 def _withdraw(ledger: Ledger, batch_id: str) -> None:

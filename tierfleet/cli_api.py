@@ -21,9 +21,19 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.
 
 @tokens_app.command("create")
 def tokens_create(
-    team: Annotated[str, typer.Option(help="The team whose jobs the token submits and sees.")],
+    team: Annotated[
+        str,
+        typer.Option(
+            help="The team whose jobs the token submits and sees: 1 to 32 lowercase letters, "
+            "digits or _ . - (no ':' or '/')."
+        ),
+    ],
     feature: Annotated[
-        str | None, typer.Option(help="The feature of jobs submitted without one.")
+        str | None,
+        typer.Option(
+            help="The feature of jobs submitted without one. A team's features are booked "
+            "(budgets, reports) as TEAM/FEATURE."
+        ),
     ] = None,
     rate_limit: Annotated[
         str | None,
@@ -35,14 +45,18 @@ def tokens_create(
 ) -> None:
     """Make a token. It is printed once, alone on the last line: keep it now."""
     from producers.api import tokens
+    from producers.teams import team_feature
 
     with open_ledger(load_settings()) as ledger:
         try:
             info, token = tokens.create(ledger, team, feature=feature, rate_limit=rate_limit)
         except tokens.TokenError as exc:
             raise fail(str(exc), Exit.USAGE) from None
-    err.print(f"token {info.id} for team {info.team!r}"
-              + (f", default feature {info.feature!r}" if info.feature else ""))  # fmt: skip
+    default = ""
+    if info.feature:
+        booked = team_feature(info.team, info.feature)
+        default = f", default feature {info.feature!r} (booked as {booked!r})"
+    err.print(f"token {info.id} for team {info.team!r}{default}")
     print(token)
 
 

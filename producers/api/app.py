@@ -14,7 +14,6 @@ that already read those show the message.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -32,7 +31,8 @@ from sqlalchemy.exc import OperationalError as LedgerError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producers.api import batches, tokens
+from producers import teams
+from producers.api import batches
 from producers.api.common import (
     Api,
     ApiError,
@@ -183,12 +183,12 @@ def _submit(
                 code="idempotency_key_mismatch", param="idempotency_key",
             )  # fmt: skip
         envelope["idempotency_key"] = key = header_key
-    try:
-        spec = parse_envelope(envelope)
+    try:  # the feature, a given id and key in the team's own space (producers.teams)
+        spec = teams.scope_spec(
+            who.team, parse_envelope(envelope), own_id="id" in envelope, own_key=key is not None
+        )
     except InvalidEnvelope as exc:
         raise ApiError(400, str(exc), code="invalid_envelope", param=exc.field or None) from None
-    if key is not None:  # keys are the team's own: another team's same key is another job
-        spec = dataclasses.replace(spec, idempotency_key=tokens.scoped_key(who.team, key))
     try:
         job_id = api.client.submit_spec(spec, team=who.team)
         with api.ledger.session() as s:
@@ -201,8 +201,8 @@ def _submit(
             "again with the same Idempotency-Key", code="unavailable",
             headers={"Retry-After": "5"},
         ) from None  # fmt: skip
-    if owner != who.team:
-        raise ApiError(409, f"a job with id {job_id!r} exists already", code="conflict", param="id")
+    if owner != who.team:  # a job from outside the API holds the name: say no more of it
+        raise ApiError(409, "the id or idempotency key is taken", code="conflict", param="id")
     return {"id": job_id, "url": f"/v1/jobs/{job_id}"}
 
 

@@ -95,6 +95,8 @@ class Api:
             raise ApiError(
                 401, f"the bearer token {info.prefix}… ({info.id}) was revoked", code="revoked"
             )
+        if (why := tokens.unusable(info)) is not None:
+            raise ApiError(401, why, code="invalid_team")
         self._limit(info)
         return info
 

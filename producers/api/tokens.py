@@ -17,13 +17,14 @@ from typing import Any
 from limits import parse as parse_rate
 from sqlalchemy import select, update
 
+from producers import teams
 from tierfleet.db import Ledger
-from tierfleet.errors import PermanentError
+from tierfleet.errors import InvalidEnvelope, PermanentError
 from tierfleet.models import ApiToken
 
 TOKEN_PREFIX = "tf_"
 SHOWN_CHARS = 10  # `tf_` and 7 of the secret
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
+_FEATURE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")  # as the envelope's `feature`
 
 
 class TokenError(PermanentError):
@@ -57,13 +58,6 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def scoped_key(team: str, key: str) -> str:
-    """An idempotency key as the ledger keeps it for a team's API jobs: the team's own,
-    so that two teams' equal keys are two jobs (within the column's 200 characters)."""
-    scoped = f"team:{team}:{key}"
-    return scoped if len(scoped) <= 200 else f"team:{team}:sha256:{digest(key)}"
-
-
 def check_rate_limit(rate: str) -> str:
     """`rate` as the `limits` library reads it ("100/second", "6000 per minute")."""
     try:
@@ -79,12 +73,18 @@ def create(
     ledger: Ledger, team: str, *, feature: str | None = None, rate_limit: str | None = None
 ) -> tuple[TokenInfo, str]:
     """A new token for `team`: its record, and the token (shown this once)."""
-    for what, value in (("team", team), ("feature", feature)):
-        if value is not None and not _NAME.match(value):
+    if not teams.valid_team(team):
+        raise TokenError(f"team {team!r}: {teams.TEAM_RULE}")
+    if feature is not None:
+        if not _FEATURE.match(feature):
             raise TokenError(
-                f"{what} {value!r}: 1 to 100 letters, digits or _ . : - (starting with a "
+                f"feature {feature!r}: 1 to 100 letters, digits or _ . / - (starting with a "
                 "letter or digit)"
             )
+        try:
+            teams.team_feature(team, feature)
+        except InvalidEnvelope as exc:
+            raise TokenError(f"feature {feature!r}: {exc.reason}") from None
     if rate_limit is not None:
         check_rate_limit(rate_limit)
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -118,6 +118,18 @@ def revoke(ledger: Ledger, token_id: str) -> TokenInfo:
         if row is None:
             raise TokenError(f"no token with id {token_id!r} (tierfleet tokens list)")
         return _info(row)
+
+
+def unusable(info: TokenInfo) -> str | None:
+    """Why a token that passed cannot be used (its team name, from before the rule), or
+    None."""
+    if teams.valid_team(info.team):
+        return None
+    return (
+        f"the bearer token {info.prefix}… ({info.id}) is for team {info.team!r}, not a team "
+        f"name any more ({teams.TEAM_RULE}): make a new token with `tierfleet tokens "
+        "create --team NAME` and revoke this one"
+    )
 
 
 def lookup(ledger: Ledger, token: str) -> TokenInfo | None:

@@ -46,7 +46,8 @@ def test_a_job_submitted_with_curl_runs_and_is_read_back(
         return job if job["status"] in ("succeeded", "failed") else None
 
     job = wait_until(finished, timeout_s=60, what="the job to finish")
-    assert job["status"] == "succeeded" and job["feature"] == "reviews"  # the token's default
+    assert job["status"] == "succeeded"
+    assert job["feature"] == "growth/reviews"  # the token's default, in the team's space
     assert job["team"] == "growth"
     assert job["result"]["label"] in ("positive", "negative", "neutral", "mixed")
     assert float(job["cost_usd"]) == sum(float(a["cost_usd"]) for a in job["attempts"]) > 0
@@ -128,11 +129,11 @@ def test_idempotency_keys_are_per_team(api: Api) -> None:
         "POST", "/v1/jobs", token=growth, body=in_body, headers={"Idempotency-Key": "other"}
     )
     assert (status, body["error"]["code"]) == (400, "idempotency_key_mismatch")
-    # an explicit id another team's job holds is a conflict, not that job
+    # an id another team's job holds names a job of the sender's own
     status, body, _ = api.curl(
         "POST", "/v1/jobs", token=search, body=json.dumps({**ENVELOPE, "id": first}).encode()
     )
-    assert (status, body["error"]["param"]) == (409, "id")
+    assert status == 202 and body["id"] == f"search:{first}"
 
 
 def test_bad_input_is_400_or_413_and_names_the_problem(api: Api) -> None:

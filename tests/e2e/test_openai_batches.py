@@ -92,7 +92,7 @@ def test_the_openai_sdk_runs_a_batch_to_completed_and_downloads_its_results(
         rows = conn.exec_driver_sql(
             "SELECT team, latency, feature, count(*) FROM jobs GROUP BY 1, 2, 3"
         ).all()
-    assert rows == [("growth", "batch", "reviews", 24)]
+    assert rows == [("growth", "batch", "growth/reviews", 24)]
     listed = client.batches.list()
     assert [b.id for b in listed.data] == [batch.id]
 
