@@ -14,7 +14,6 @@ import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import fastjsonschema
@@ -23,6 +22,7 @@ import orjson
 from jsonschema.exceptions import SchemaError, ValidationError, best_match
 
 from tierfleet import constants as C
+from tierfleet import schema_guard
 from tierfleet.errors import InvalidEnvelope
 from tierfleet.resources import schemas_dir
 
@@ -108,9 +108,9 @@ class JobSpec:
 @functools.cache
 def _envelope_validator() -> jsonschema.protocols.Validator:
     schema = json.loads((schemas_dir() / "job.schema.json").read_text(encoding="utf-8"))
-    cls = jsonschema.validators.validator_for(schema)
-    cls.check_schema(schema)
-    return cls(schema)
+    schema_guard.check_meta(schema, schema_guard.draft_of(schema))
+    validator: jsonschema.protocols.Validator = schema_guard.safe_validator(schema)
+    return validator
 
 
 @functools.cache
@@ -134,14 +134,15 @@ def _fast_validator() -> Any:
 
 @functools.cache
 def named_output_schema(name: str) -> Mapping[str, Any]:
-    path: Path = schemas_dir() / "outputs" / f"{name}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in (schemas_dir() / "outputs").glob("*.json"))
+    """A schema shipped in `schemas/outputs/` (the one a `$ref` to
+    `urn:tierfleet:output:NAME` resolves to), checked as a user's schema is."""
+    named = schema_guard.named_schemas()
+    if name not in named:
         raise InvalidEnvelope(
-            f"unknown output schema {name!r}; known: {', '.join(known) or 'none'}",
+            f"unknown output schema {name!r}; known: {', '.join(sorted(named)) or 'none'}",
             field="output_schema",
         )
-    schema: Mapping[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    schema = named[name]
     check_output_schema(schema)  # once per process, not per job
     return schema
 
@@ -178,8 +179,10 @@ def _describe(error: ValidationError) -> tuple[str, str]:
 
 
 def check_output_schema(schema: Any, field_name: str = "output_schema") -> None:
-    """Raise `InvalidEnvelope` unless `schema` is a valid JSON Schema. Checking against the
-    meta-schema is costly, and a batch repeats its schemas: results are cached."""
+    """Raise `InvalidEnvelope` unless `schema` is a valid JSON Schema that is safe to run
+    (`tierfleet.schema_guard`: within the size limits, patterns re2 can run, references
+    only inside it or to shipped schemas). Checking against the meta-schema is costly, and
+    a batch repeats its schemas: results are cached."""
     if not isinstance(schema, Mapping):
         raise InvalidEnvelope("must be a JSON Schema object", field=field_name)
     try:
@@ -188,6 +191,8 @@ def check_output_schema(schema: Any, field_name: str = "output_schema") -> None:
         raise InvalidEnvelope(f"cannot be stored as JSON: {exc}", field=field_name) from None
     try:
         _check_schema_text(text)
+    except schema_guard.UnsafeSchema as exc:
+        raise InvalidEnvelope(str(exc), field=field_name) from None
     except SchemaError as exc:
         where = ".".join(str(p) for p in exc.absolute_path)
         raise InvalidEnvelope(
@@ -198,13 +203,15 @@ def check_output_schema(schema: Any, field_name: str = "output_schema") -> None:
 
 @functools.lru_cache(maxsize=1024)
 def _check_schema_text(text: bytes) -> None:
+    """The cheap checks first (size, depth, patterns), then the meta-schema, then the
+    references (which need a schema the meta-schema accepts)."""
     schema = orjson.loads(text)
+    schema_guard.check_shape(schema, len(text))
     cls = _declared_draft(schema)
     try:
-        cls.check_schema(schema)
-    except OverflowError as exc:  # `re` on a pattern such as "a{9999999999}"
-        raise SchemaError(f"a pattern in it cannot be compiled: {exc}") from None
-    except RecursionError:  # regex groups, or subschemas, nested thousands deep
+        schema_guard.check_meta(schema, cls)
+        schema_guard.check_refs(schema, cls)
+    except RecursionError:  # a safety net: check_shape bounds the nesting well under it
         raise SchemaError("it nests too deeply to be checked") from None
 
 

@@ -7,6 +7,11 @@
 - `envelope_fast.decode` declines (`NotFast`) or builds exactly the job `parse_envelope`
   builds from the same document; `parse_line` on any bytes raises nothing but
   `InvalidEnvelope`, and decides every line as the reference does.
+- Adversarial output schemas (patterns that backtrack, references out of the schema in many
+  spellings and hiding places, very wide and very deep schemas) are accepted or refused
+  with `InvalidEnvelope` at once; any answer (long runs of one character, deep or wide
+  JSON) validates against an accepted one or raises `InvalidOutput`, quickly; and neither
+  step opens a connection or a URL, whether the schema was accepted or not.
 - `read_lines` reads any bytes, plain or gzip, as `bytes.split(b"\\n")` would (numbering,
   sizes, final newline or not); a damaged gzip fails only with the errors `submit` handles.
 """
@@ -18,11 +23,16 @@ import gzip
 import hashlib
 import json
 import math
+import socket
 import tempfile
+import time
+import urllib.request
 import zlib
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import jsonschema
 import orjson
@@ -33,10 +43,13 @@ from hypothesis import strategies as st
 from producers.bulk import BatchOptions, parse_line
 from producers.jsonl import Input, RawLine, read_lines
 from tierfleet import constants as C
-from tierfleet import envelope_fast
+from tierfleet import envelope_fast, schema_guard
 from tierfleet.envelope import MAX_ENVELOPE_BYTES, JobSpec, named_output_schema, parse_envelope
-from tierfleet.errors import InvalidEnvelope
+from tierfleet.errors import InvalidEnvelope, InvalidOutput
+from tierfleet.prices import Usage
 from tierfleet.resources import schemas_dir
+from workers.backends.base import Completion
+from workers.validation import validate
 
 pytestmark = [
     pytest.mark.chaos,
@@ -468,7 +481,141 @@ def test_an_output_schema_is_checked_or_refused_on_both_paths(
     outcome = reference(doc)
     if isinstance(outcome, JobSpec) and isinstance(schema, dict):
         # what a worker does with it: the draft the schema names, no warning, no error
-        jsonschema.validators.validator_for(schema, default=DRAFT).check_schema(schema)
+        draft = schema_guard.draft_of(schema)
+        schema_guard.check_meta(schema, draft)
+        schema_guard.safe_validator(schema)
+
+
+# ---------------------------------------------------------------------------------------
+# Adversarial output schemas, and the answers validated against them
+
+EVIL_PATTERNS = [
+    "(x+x+)+y", "(a|a)*b", "^(a*)*$", "^(\\w+\\s?)*$", "((x*)*)*y", "(.*a){12}", "(x+)+\\1",
+    "(?=x)x", "(?<!a)b", "x{1000}", "x{1001}", "\\u0078+y", "[", "x" * 1001,
+]  # fmt: skip
+LOOPBACK = "127.0.0.1:9"  # nothing is to be asked for it: every attempt is recorded
+REF_SPELLINGS = [
+    f"http://{LOOPBACK}/s.json", f"https://{LOOPBACK}/s.json#/x", f"HTTP://{LOOPBACK}/s",
+    f"//{LOOPBACK}/x", "file:///etc/passwd", "file:/etc/hostname", "other.json",
+    "../other.json#/a", "urn:example:unknown", "urn:tierfleet:output:nope",
+    "urn:tierfleet:output:sentiment", "#", "#/$defs/a", "#/nowhere", "#anchor",
+    "jar:file:///x!/y", "\\\\host\\share",
+]  # fmt: skip
+evil_patterns = st.sampled_from(EVIL_PATTERNS)
+ref_spellings = st.sampled_from(REF_SPELLINGS)
+attack_keywords: dict[str, st.SearchStrategy[Any]] = {
+    "pattern": evil_patterns,
+    "patternProperties": st.dictionaries(evil_patterns, st.just({}) | st.booleans(), max_size=2),
+    "additionalProperties": st.booleans(),
+    "propertyNames": st.fixed_dictionaries({"pattern": evil_patterns}),
+    "uniqueItems": st.just(True),
+    "$ref": ref_spellings,
+    "$dynamicRef": ref_spellings,
+    "$id": st.sampled_from([f"http://{LOOPBACK}/s.json", "urn:x:y", "a.json"]),
+    "unevaluatedProperties": st.booleans(),
+}
+attack_objects = st.recursive(
+    st.fixed_dictionaries({}, optional=attack_keywords),
+    lambda inner: st.fixed_dictionaries(
+        {},
+        optional={
+            **attack_keywords,
+            "properties": st.dictionaries(st.sampled_from(["a", "x" * 40]), inner, max_size=2),
+            "items": inner,
+            "$defs": st.fixed_dictionaries({"a": inner}),
+            "allOf": st.lists(inner, min_size=1, max_size=3),
+            "anyOf": st.lists(inner, min_size=1, max_size=3),
+            "x-data": inner,  # a keyword no draft defines, which a "#/x-data" can reach
+        },
+    ),
+    max_leaves=6,
+)
+
+
+def deep_schema(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"pattern": "(x+x+)+y"}
+    for _ in range(depth):
+        schema = {"items": schema}
+    return schema
+
+
+attack_schemas = st.one_of(
+    attack_objects,
+    st.sampled_from([500, 999, 1_001, 150_000]).map(lambda n: {"allOf": [{}] * n}),
+    st.sampled_from([10, 31, 32, 33, 100, 250]).map(deep_schema),
+    st.sampled_from([1_000, 20_000]).map(lambda n: {"enum": ["x"] * n}),
+)
+runs = st.tuples(st.sampled_from(["x", "a", " ", "é"]), st.sampled_from([1, 30, 5_000, 100_000]))
+long_strings = runs.map(lambda t: t[0] * t[1]) | runs.map(lambda t: t[0] * t[1] + "!")
+attack_answers = st.one_of(  # the text of an answer
+    st.one_of(
+        json_values,
+        long_strings,
+        long_strings.map(lambda s: {"a": s, s[:64]: s}),
+        st.just([{"n": i} for i in range(5_000)]),
+        st.just({f"x{i}": "x" * 30 for i in range(5_000)}),
+    ).map(json.dumps),
+    st.sampled_from([100, 900, 5_000, 100_000]).map(lambda n: "[" * n + "]" * n),
+)
+SUBMIT_BOUND_S = 5.0  # a refusal or an acceptance (under 0.3 s on an idle machine)
+VALIDATE_BOUND_S = 10.0  # VALIDATION_DEADLINE_S, and parsing an answer of 100 KB
+
+
+@contextmanager
+def no_network_or_url() -> Iterator[list[Any]]:
+    """Record, and refuse, every connection and every URL opened in the block."""
+    attempts: list[Any] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(args[1:] or args)
+        raise OSError("no connection in this test")
+
+    with (
+        mock.patch.object(socket.socket, "connect", refuse),
+        mock.patch.object(socket.socket, "connect_ex", refuse),
+        mock.patch.object(socket, "create_connection", refuse),
+        mock.patch.object(urllib.request.OpenerDirector, "open", refuse),
+    ):
+        yield attempts
+
+
+def as_completion(text: str) -> Completion:
+    return Completion(text=text, usage=Usage(1, 1), finish_reason="stop", mean_logprob=None)
+
+
+@settings(CHAOS, max_examples=100, derandomize=True)
+@given(attack_schemas, attack_answers)
+@example({"pattern": "(x+x+)+y"}, json.dumps("x" * 100_000))  # froze a worker on `re`
+@example(
+    {"patternProperties": {"(x+x+)+y": {}}, "additionalProperties": False}, '{"%s": 1}' % ("x" * 64)
+)
+@example({"$ref": f"http://{LOOPBACK}/s.json"}, '"x"')  # fetched, its content in the error
+@example({"x-data": {"$ref": "file:///etc/passwd"}, "$ref": "#/x-data"}, "1")
+@example({"allOf": [{}] * 150_000}, "{}")  # 41 s of the meta-schema check
+@example({"uniqueItems": True}, json.dumps([{"n": i} for i in range(13_000)]))  # quadratic
+@example({"$ref": "#"}, "{}")  # a reference to itself, without end
+def test_an_adversarial_schema_costs_a_bounded_time_and_opens_nothing(
+    schema: Any, text: str
+) -> None:
+    with no_network_or_url() as attempts:
+        started = time.monotonic()
+        try:
+            parse_envelope({"feature": "f", "prompt": "x", "output_schema": schema})
+            accepted = True
+        except InvalidEnvelope as exc:
+            assert exc.field == "output_schema" and exc.reason
+            accepted = False
+        assert time.monotonic() - started < SUBMIT_BOUND_S
+        started = time.monotonic()
+        try:
+            validate(as_completion(text), schema)
+        except InvalidOutput as exc:
+            assert exc.rule
+        except Exception:
+            if accepted:
+                raise  # an accepted schema: an answer is valid or an InvalidOutput
+        assert time.monotonic() - started < VALIDATE_BOUND_S
+    assert attempts == []
 
 
 # ---------------------------------------------------------------------------------------

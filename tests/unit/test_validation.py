@@ -90,3 +90,59 @@ def test_a_simulated_call_slower_than_its_timeout_times_out() -> None:
     job = parse_envelope({"feature": "f", "prompt": "x"})
     with pytest.raises(ProviderTimeout):
         backend.complete(job, timeout_s=0.01)
+
+
+def test_validation_over_its_deadline_is_an_invalid_answer() -> None:
+    schema = {"items": {"anyOf": [{"required": [f"k{i}"]} for i in range(200)]}}
+    with pytest.raises(InvalidOutput) as info:
+        validate(answer(json.dumps([{}] * 5_000)), schema, deadline_s=0.05)
+    assert info.value.rule == "validation_timeout"
+    assert "0.05" in str(info.value)
+
+
+def test_a_ref_that_resolves_to_nothing_is_an_invalid_answer_naming_it() -> None:
+    with pytest.raises(InvalidOutput) as info:
+        validate(answer("{}"), {"$ref": "urn:example:nowhere"})
+    assert info.value.rule == "schema_ref"
+    assert "urn:example:nowhere" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "rule"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "json"),  # too deep for the JSON parser
+        ("1" * 5_000, "json"),  # over Python's digits limit for an integer
+    ],
+    ids=["deep", "digits"],
+)
+def test_an_answer_json_cannot_hold_is_invalid_json(text: str, rule: str) -> None:
+    with pytest.raises(InvalidOutput) as info:
+        validate(answer(text), {"type": "array"})
+    assert info.value.rule == rule
+
+
+def test_a_schema_that_refers_to_itself_without_end_is_an_invalid_answer() -> None:
+    with pytest.raises(InvalidOutput) as info:
+        validate(answer("{}"), {"$ref": "#"})
+    assert info.value.rule == "validation_depth"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "value", "matches"),
+    [
+        ("^\\u0041+$", "AAA", True),  # an ECMA-262 escape
+        ("\\\\u0041", "\\u0041", True),  # an escaped backslash, then "u0041"
+        ("^\\d+$", "\u0661\u0662", False),  # ECMA-262 \\d is ASCII
+        ("^a$", "a\n", False),  # ECMA-262 $ ends the input only
+        ("b", "abc", True),  # unanchored: a search
+        ("^x", "x\ud800", True),  # a lone surrogate in the answer
+    ],
+)
+def test_patterns_match_as_json_schema_says(pattern: str, value: str, matches: bool) -> None:
+    schema = {"properties": {"a": {"pattern": pattern}}}
+    text = json.dumps({"a": value})
+    if matches:
+        assert validate(answer(text), schema) == {"a": value}
+    else:
+        with pytest.raises(InvalidOutput):
+            validate(answer(text), schema)

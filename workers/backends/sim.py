@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +21,7 @@ import rstr
 from tierfleet.envelope import JobSpec
 from tierfleet.errors import ProviderTimeout
 from tierfleet.prices import Usage
+from tierfleet.schema_guard import pattern_search
 from workers.backends.base import Completion
 
 _WORDS = [
@@ -178,10 +178,9 @@ def _string(schema: Mapping[str, Any], rng: random.Random) -> str:
         return "jane.doe@example.com"
     low, high = schema.get("minLength", 1), schema.get("maxLength", 80)
     if "pattern" in schema:
-        pattern = re.compile(schema["pattern"])
         for _ in range(20):
             candidate = rstr.Rstr(rng).xeger(schema["pattern"])
-            if pattern.search(candidate) and low <= len(candidate) <= high:
+            if pattern_search(schema["pattern"], candidate) and low <= len(candidate) <= high:
                 return candidate
     words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 8)))
     words = words[:high]
