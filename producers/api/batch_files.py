@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, true, update
 
 from producers import bulk
 from producers import openai_batch as oa
@@ -25,6 +25,7 @@ from tierfleet.models import ApiBatch, ApiFile, Attempt, Job
 SHOWN_ERRORS = 10
 ROWS_PER_FETCH = 500  # rendered lines held at once
 CONTENT_PIECE = 1 << 20  # bytes of an uploaded file sent at once
+SEND_BYTES = 1 << 16  # result lines are sent in pieces of about this size
 _CHECK_BATCH = "check"  # the batch id lines are parsed under at upload (ids are made later)
 _ERRORS = (JobStatus.FAILED, JobStatus.CANCELLED)
 
@@ -105,9 +106,17 @@ def upload_content(ledger: Ledger, row: ApiFile) -> Iterator[bytes]:
 
 
 def results(ledger: Ledger, row: ApiBatch, *, errors_only: bool) -> Iterator[bytes]:
-    """The output (or error) file's lines, in input order."""
+    """The output (or error) file's lines, in input order, some 64 KB at a time."""
+    piece: list[bytes] = []
+    held = 0
     for _, line in _rendered(ledger, row, _ERRORS if errors_only else (JobStatus.SUCCEEDED,)):
-        yield line
+        piece.append(line)
+        held += len(line)
+        if held >= SEND_BYTES:
+            yield b"".join(piece)
+            piece, held = [], 0
+    if piece:
+        yield b"".join(piece)
 
 
 def size(ledger: Ledger, row: ApiBatch, *, errors_only: bool) -> int:
@@ -140,18 +149,17 @@ def _rendered(
     """(status, line) of the batch's jobs in those statuses, in input order. The
     custom_id is read from the payload in Python: a NUL a prompt holds (`\\u0000`) is
     text Postgres's JSON functions refuse."""
-    used = (
-        select(Attempt.job_id, func.sum(Attempt.input_tokens).label("tokens_in"),
+    used = (  # per job, through the attempts' (job_id, seq) index
+        select(func.sum(Attempt.input_tokens).label("tokens_in"),
                func.sum(Attempt.output_tokens).label("tokens_out"),
                func.max(Attempt.model).filter(Attempt.outcome == Outcome.SUCCEEDED)
                .label("model"))
-        .join(Job, Job.id == Attempt.job_id).where(Job.batch_id == row.batch_id)
-        .group_by(Attempt.job_id).subquery()
+        .where(Attempt.job_id == Job.id).correlate(Job).lateral()
     )  # fmt: skip
     query = (
         select(Job.id, Job.status, Job.result, Job.error, Job.tier, Job.cost_usd,
                Job.finished_at, Job.payload, used.c.tokens_in, used.c.tokens_out, used.c.model)
-        .outerjoin(used, used.c.job_id == Job.id)
+        .outerjoin(used, true())
         .where(Job.batch_id == row.batch_id, Job.status.in_(statuses))
         .order_by(Job.line)
     )  # fmt: skip
