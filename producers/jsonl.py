@@ -48,7 +48,8 @@ class Input:
 
     def open(self) -> IO[bytes]:
         if self.gzip:
-            return gzip.open(self.raw(), "rb")  # type: ignore[return-value]
+            stored = self.path if self.held is None else io.BytesIO(self.held)
+            return gzip.open(stored, "rb")  # type: ignore[return-value]
         return self.raw()
 
     def raw(self) -> IO[bytes]:
