@@ -130,7 +130,7 @@ class Report:
 def digest_of(source: Input) -> str:
     """SHA-256 of the input's bytes (as stored: a .gz is hashed compressed)."""
     digest = hashlib.sha256()
-    with source.path.open("rb") as f:
+    with source.raw() as f:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
@@ -340,7 +340,7 @@ def _read_and_write(
             continue
         try:
             spec = parse_line(raw, defaults, report.batch_id, options.max_line_bytes, options.team)
-            _check_unique(spec, raw.no, report.batch_id, seen)
+            check_unique(spec, raw.no, report.batch_id, seen)
         except InvalidEnvelope as exc:
             text = raw.data[:2000].decode("utf-8", errors="replace")
             error = LineError(raw.no, exc.field, exc.reason, text)
@@ -362,9 +362,7 @@ def _read_and_write(
         writers.put(chunk, first, report.lines)
 
 
-def _check_unique(
-    spec: JobSpec, line: int, batch_id: str, seen: dict[tuple[str, str], int]
-) -> None:
+def check_unique(spec: JobSpec, line: int, batch_id: str, seen: dict[tuple[str, str], int]) -> None:
     """An `id` or `idempotency_key` a line gives must not repeat within the file."""
     for kind, value, generated in (
         ("id", spec.id, f"{batch_id}.{line}"),

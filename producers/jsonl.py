@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import io
 import shutil
 import sys
 import tempfile
@@ -38,14 +39,25 @@ class Input:
     path: Path
     name: str  # what the user called it
     gzip: bool
+    held: bytes | None = None  # the input itself, read from memory instead of `path`
+
+    @classmethod
+    def of_bytes(cls, data: bytes, name: str) -> Input:
+        """An input held in memory (an upload): nothing of it is written to disk."""
+        return cls(Path(name), name, gzip=False, held=data)
 
     def open(self) -> IO[bytes]:
         if self.gzip:
-            return gzip.open(self.path, "rb")  # type: ignore[return-value]
-        return self.path.open("rb")
+            stored = self.path if self.held is None else io.BytesIO(self.held)
+            return gzip.open(stored, "rb")  # type: ignore[return-value]
+        return self.raw()
+
+    def raw(self) -> IO[bytes]:
+        """The bytes as stored (a .gz compressed)."""
+        return self.path.open("rb") if self.held is None else io.BytesIO(self.held)
 
     def size(self) -> int:
-        return self.path.stat().st_size
+        return self.path.stat().st_size if self.held is None else len(self.held)
 
 
 @contextlib.contextmanager

@@ -101,3 +101,11 @@ class Outcome(enum.StrEnum):
 
 # A small-tier attempt with one of these outcomes escalates the job (the router's label).
 ESCALATING_OUTCOMES: Final = frozenset({Outcome.INVALID, Outcome.LOW_CONFIDENCE, Outcome.TIMEOUT})
+
+
+class ApiBatchState(enum.StrEnum):
+    """How far the creation of an HTTP API batch (`POST /v1/batches`) got."""
+
+    SUBMITTING = "submitting"  # its jobs are being written and sent (or the writer died)
+    SUBMITTED = "submitted"  # every job written and sent: its status is its jobs'
+    FAILED = "failed"  # a resumed submission found the input no longer valid

@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from tierfleet.constants import JobStatus, Outcome
+from tierfleet.constants import ApiBatchState, JobStatus, Outcome
 
 JSONDoc = JSON().with_variant(JSONB(), "postgresql")
 
@@ -327,14 +327,18 @@ class ApiFile(Base):
     filename: Mapped[str] = mapped_column(String(255))
     size: Mapped[int] = mapped_column("bytes", BigInteger)
     lines: Mapped[int] = mapped_column(Integer)
-    content: Mapped[bytes] = mapped_column(LargeBinary)
+    # read only where the bytes are needed (a metadata read does not load 100 MB)
+    content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
     created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
 
 
 class ApiBatch(Base):
     """An OpenAI-style batch (`POST /v1/batches`): its input file, and the tierfleet
     batch (`batches.id`) its requests became jobs of. Its status and counts are read
-    from those jobs."""
+    from those jobs once `state` is `submitted`; a batch left `submitting` by a server
+    that died is submitted again by the next request that reads it. `idempotency_key`
+    is the team-scoped key of the create; the sizes of the output and error files are
+    kept for the jobs' state as of `files_as_of` (their last `finished_at`)."""
 
     __tablename__ = "api_batches"
 
@@ -348,5 +352,12 @@ class ApiBatch(Base):
     requests: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(_now(), server_default=func.now())
     cancelling_at: Mapped[dt.datetime | None] = mapped_column(_now())
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    state: Mapped[str] = mapped_column(String(16), server_default=ApiBatchState.SUBMITTED.value)
+    feature: Mapped[str | None] = mapped_column(String(100))  # its jobs' default feature
+    error: Mapped[str | None] = mapped_column(Text)  # why it failed
+    output_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    error_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    files_as_of: Mapped[dt.datetime | None] = mapped_column(_now())
 
     __table_args__ = (Index(None, "team", "created_at"),)

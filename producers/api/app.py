@@ -152,18 +152,19 @@ def create_app(
         envelope = _json_object(await request.body())  # BodyLimit holds it to its cap
         return await run_in_threadpool(_submit, api, who, envelope, idempotency_key)
 
-    @app.get("/v1/jobs/{job_id}", tags=["jobs"], responses=documented(401, 403, 404, 429, 503))
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"], responses=documented(401, 404, 429, 503))
     def get_job_view(job_id: PathId, who: Caller) -> dict[str, Any]:
-        """A job's status, tier, result, attempts and cost so far."""
+        """A job's status, tier, result, attempts and cost so far. Another team's job is
+        a 404, as a job that does not exist: nothing tells that its id is taken."""
         try:
             with api.ledger.session() as s:
                 view = get_job(s, job_id)
         except JobNotFound:
-            raise ApiError(404, f"no job with id {job_id!r}", code="not_found") from None
+            view = None
         except LedgerError:
             raise unavailable("the ledger (Postgres)") from None
-        if view.team != who.team:
-            raise ApiError(403, f"job {job_id} is not a job of team {who.team!r}", code="forbidden")
+        if view is None or view.team != who.team:
+            raise ApiError(404, f"no job with id {job_id!r}", code="not_found")
         return view.to_dict()
 
     batches.add_routes(app)

@@ -143,7 +143,7 @@ def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The error responses of a route, for the OpenAPI document."""
     text_of: dict[int, str] = {
         400: "bad input, the field named", 401: "no token, or not a valid one",
-        403: "another team's", 404: "not found", 409: "an id taken by another team's job",
+        404: "not found (or another team's)", 409: "an id or Idempotency-Key used already",
         413: "over the size limit", 429: "over the token's rate limit",
         503: "Redis or Postgres did not answer",
     }  # fmt: skip

@@ -64,7 +64,7 @@ def test_health_readiness_and_the_openapi_document(api: Api) -> None:
     assert "feature" in body["schema"]["properties"]  # the envelope's own schema
 
 
-def test_auth_failures_are_401_and_403_with_a_reason(api: Api) -> None:
+def test_auth_failures_are_401_with_a_reason_and_another_teams_job_is_404(api: Api) -> None:
     job = json.dumps(ENVELOPE).encode()
     cases = {
         "missing_token": {},
@@ -80,9 +80,16 @@ def test_auth_failures_are_401_and_403_with_a_reason(api: Api) -> None:
     status, body, _ = api.curl("POST", "/v1/jobs", token=mine, body=job)
     assert status == 202
     status, other, _ = api.curl("GET", f"/v1/jobs/{body['id']}", token=theirs)
-    assert (status, other["error"]["code"]) == (403, "forbidden")
-    assert "growth" not in other["error"]["message"]  # nothing of the other team's
-    assert api.curl("GET", "/v1/jobs/no-such-job", token=mine)[0] == 404
+    assert status == 404  # exactly as for an id that does not exist: nothing of theirs
+    assert other["error"] == {
+        "message": f"no job with id {body['id']!r}",
+        "type": "not_found_error",
+        "param": None,
+        "code": "not_found",
+    }
+    status, unknown, _ = api.curl("GET", "/v1/jobs/no-such-job", token=mine)
+    assert status == 404
+    assert unknown["error"] == {**other["error"], "message": "no job with id 'no-such-job'"}
 
 
 def test_tokens_from_the_command_line(api: Api, caplog: pytest.LogCaptureFixture) -> None:

@@ -5,6 +5,7 @@ file over its caps, another team's batch, a cancel."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -134,20 +135,30 @@ def test_files_over_their_caps_are_413(serve_api: Callable[..., Api], tmp_path: 
         assert "over the limit of 3" in str(refused.value) or "2,000 bytes" in str(refused.value)
 
 
-def test_another_teams_batch_is_403_and_a_cancel_ends_in_cancelled(
+def test_another_teams_file_and_batch_are_404_as_unknown_ones_and_a_cancel_ends_in_cancelled(
     api: Api, tmp_path: Path
 ) -> None:
     mine, theirs = sdk(api, api.token("growth")), sdk(api, api.token("search"))
     uploaded = mine.files.create(file=batch_file(tmp_path / "r.jsonl", 5), purpose="batch")
-    with pytest.raises(openai.PermissionDeniedError):
-        theirs.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                              completion_window="24h")  # fmt: skip
+
+    def not_found(call: Callable[[str], Any], id_: str, what: str) -> None:
+        with pytest.raises(openai.NotFoundError) as refused:
+            call(id_)
+        assert refused.value.body == {"message": f"no {what} with id {id_!r}",  # as unknown
+                                      "type": "not_found_error", "param": None,
+                                      "code": "not_found"}  # fmt: skip
+
+    create = functools.partial(theirs.batches.create, endpoint="/v1/chat/completions",
+                               completion_window="24h")  # fmt: skip
+    not_found(lambda id_: create(input_file_id=id_), uploaded.id, "file")
+    not_found(theirs.files.retrieve, uploaded.id, "file")
+    not_found(theirs.files.content, uploaded.id, "file")
+    not_found(theirs.files.retrieve, "file-nope", "file")
     batch = mine.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                 completion_window="24h")  # fmt: skip
-    with pytest.raises(openai.PermissionDeniedError):
-        theirs.batches.retrieve(batch.id)
-    with pytest.raises(openai.NotFoundError):
-        mine.batches.retrieve("batch_nope")
+    not_found(theirs.batches.retrieve, batch.id, "batch")
+    not_found(theirs.batches.cancel, batch.id, "batch")
+    not_found(mine.batches.retrieve, "batch_nope", "batch")
     with pytest.raises(openai.BadRequestError):
         mine.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings",
                             completion_window="24h")  # fmt: skip
@@ -170,3 +181,95 @@ def test_tierfleet_submit_reads_the_openai_batch_format(api: Api, tmp_path: Path
     assert [p["metadata"]["custom_id"] for p in payloads] == [f"review-{i}" for i in range(6)]
     assert payloads[0]["system"] == "You label reviews." and payloads[0]["max_tokens"] == 64
     assert payloads[0]["output_schema"] == SENTIMENT and payloads[3]["output_schema"] is None
+
+
+def _run_to_completed(client: OpenAI, batch_id: str) -> Any:
+    def done() -> Any:
+        got = client.batches.retrieve(batch_id)
+        return got if got.status == "completed" else None
+
+    return wait_until(done, timeout_s=90, what="the batch to complete")
+
+
+def test_a_nul_in_a_prompt_or_a_custom_id_leaves_the_output_file_readable(
+    api: Api, start_workers: Callable[..., Workers], tmp_path: Path
+) -> None:
+    client = sdk(api, api.token())
+    path = batch_file(tmp_path / "nul.jsonl", 6)
+    lines = path.read_text().splitlines()
+    lines[2] = json.dumps(request("review-2", "fine\u0000 and then some"))
+    lines[4] = json.dumps(request("review-\u00004", "fine"))
+    path.write_text("\n".join(lines) + "\n")
+    uploaded = client.files.create(file=path, purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")  # fmt: skip
+    start_workers("all")
+    finished = _run_to_completed(client, batch.id)
+    assert finished.output_file_id is not None
+
+    content = client.files.content(finished.output_file_id).content
+    ids = [json.loads(line)["custom_id"] for line in content.splitlines()]
+    assert ids == ["review-0", "review-1", "review-2", "review-3", "review-\u00004", "review-5"]
+
+
+def test_the_output_file_streams_and_its_size_is_its_length_and_a_cancel_leaves_it_completed(
+    api: Api, start_workers: Callable[..., Workers], tmp_path: Path
+) -> None:
+    client = sdk(api, api.token())
+    uploaded = client.files.create(file=batch_file(tmp_path / "r.jsonl", 40), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")  # fmt: skip
+    start_workers("all")
+    finished = _run_to_completed(client, batch.id)
+    assert finished.output_file_id is not None
+    again = client.batches.cancel(batch.id)  # a finished batch is answered as it is
+    assert again.model_dump() == finished.model_dump()
+    assert (again.status, again.cancelling_at, again.cancelled_at) == ("completed", None, None)
+
+    for _ in range(2):  # the size as computed, then as recorded
+        meta = client.files.retrieve(finished.output_file_id)
+        with client.files.with_streaming_response.content(finished.output_file_id) as response:
+            assert response.headers.get("transfer-encoding") == "chunked"  # not built whole
+            assert "content-length" not in response.headers
+            body = response.read()
+        assert meta.bytes == len(body) and len(body.splitlines()) == 40
+
+
+def test_a_custom_id_that_is_not_a_string_is_400_naming_its_line(api: Api, tmp_path: Path) -> None:
+    client = sdk(api, api.token())
+    good = request("a", "fine")
+    envelope = {"prompt": "hi", "metadata": {"custom_id": {"nested": 1}}}  # tierfleet's own
+    bad = [{**good, "custom_id": 7}, {**good, "custom_id": {"a": 1}}, {**good, "custom_id": None},
+           {**good, "custom_id": ["x"]}, envelope]  # fmt: skip
+    path = tmp_path / "ids.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in [good, *bad]) + "\n")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.files.create(file=path, purpose="batch")
+    message = refused.value.body["message"]  # type: ignore[index]
+    assert message.startswith("5 invalid lines, nothing submitted"), message
+    for no in range(2, 7):
+        assert f"line {no}, field 'custom_id'" in message, message
+
+
+def test_a_file_accepted_at_upload_is_accepted_by_its_batch(
+    serve_api: Callable[..., Api], tmp_path: Path
+) -> None:
+    small = serve_api(api_max_batch_lines=3)
+    client = sdk(small, small.token())
+    path = tmp_path / "blank.jsonl"  # blank lines are not requests: 3 of them, at the cap
+    path.write_text("\n".join(["", json.dumps(request("a", "x")), "", "  ",
+                               json.dumps(request("b", "y")), json.dumps(request("c", "z")),
+                               "\r", ""]) + "\n")  # fmt: skip
+    uploaded = client.files.create(file=path, purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")  # fmt: skip
+    assert batch.request_counts is not None and batch.request_counts.total == 3
+
+    huge = tmp_path / "huge.jsonl"  # a line over the batch's limit is refused at upload
+    long_line = json.dumps(request("big", "x" * 1_200_000))
+    huge.write_text(json.dumps(request("a", "x")) + "\n" + long_line + "\n")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.files.create(file=huge, purpose="batch")
+    message = refused.value.body["message"]  # type: ignore[index]
+    assert "1 invalid line, nothing submitted: line 2: " in message, message
+    assert "over the 1,000,000-byte limit" in message
