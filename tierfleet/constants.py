@@ -37,6 +37,10 @@ ATTEMPT_ID_NAMESPACE: Final = uuid.UUID("6f1d3c2e-5b7a-4e8f-9a0b-1c2d3e4f5a6b")
 # messages delivered but not yet acknowledged in a hash and a sorted set.
 REDIS_UNACKED: Final = "unacked"
 REDIS_UNACKED_INDEX: Final = "unacked_index"
+# Which of those a live worker holds: a key per worker process, expiring unless renewed
+# (its value: the delivery tags it holds), and the set that names those keys.
+REDIS_CONSUMER_PREFIX: Final = "tierfleet:consumer:"
+REDIS_CONSUMERS: Final = "tierfleet:consumers"
 
 # Metrics (DogStatsD). Tags: tier, model_name, model_provider, feature, outcome.
 METRIC_PREFIX: Final = "tierfleet."

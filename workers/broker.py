@@ -1,7 +1,8 @@
 """What the broker holds, read straight from Redis: the messages ready on each queue
 (kombu keeps a queue as a list, and each priority step as a list of its own), and those
 delivered to a worker but not yet acknowledged (kombu's `unacked` hash), by queue and by
-the job or batch they carry."""
+the job or batch they carry. A message whose worker is gone (`workers/holding.py`) stays
+unacknowledged until the visibility timeout, but holds no job or batch."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import redis
 
 from tierfleet import constants as C
+from workers import holding
 
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: `queue`, `queue\x06\x163`, ...
 PRIORITY_STEPS = (3, 6, 9)
@@ -22,7 +24,7 @@ PRIORITY_STEPS = (3, 6, 9)
 @dataclass
 class Held:
     """Ready messages per queue; unacknowledged ones per queue, and the jobs and batches
-    those carry."""
+    those carry while their worker lives."""
 
     ready: dict[str, int] = field(default_factory=dict)
     unacked: Counter[str] = field(default_factory=Counter)
@@ -32,19 +34,27 @@ class Held:
 
 def held(client: redis.Redis, queues: list[str]) -> Held:
     out = Held()
+    live = holding.live_tags(client)  # first: a message taken after it is young
     with client.pipeline(transaction=False) as pipe:
         for queue in queues:
             pipe.llen(queue)
             for step in PRIORITY_STEPS:
                 pipe.llen(f"{queue}{PRIORITY_SEP}{step}")
-        lengths = pipe.execute()
+        pipe.hgetall(C.REDIS_UNACKED)
+        pipe.zrange(C.REDIS_UNACKED_INDEX, 0, -1, withscores=True)
+        *lengths, unacked, index = pipe.execute()
     per = 1 + len(PRIORITY_STEPS)
     for i, queue in enumerate(queues):
         out.ready[queue] = sum(lengths[i * per : (i + 1) * per])
-    for raw in client.hvals(C.REDIS_UNACKED):
+    delivered_at = {tag.decode(): score for tag, score in index}
+    tags = {tag.decode(): raw for tag, raw in unacked.items()}
+    orphans = holding.orphans(tags, delivered_at, live)
+    for tag, raw in tags.items():
         in_queue, task, args = _unacked(raw)
         if in_queue is not None:
             out.unacked[in_queue] += 1
+        if tag in orphans:
+            continue
         if task == C.TASK_TRIAGE_RANGE and args:
             out.batch_ids.add(str(args[0]))
         elif task in (C.TASK_TRIAGE, C.TASK_ATTEMPT) and args:

@@ -8,12 +8,14 @@ reconciler, run by beat every `reconcile_interval_s`, re-drives:
 - `running` jobs whose lease lapsed: their worker was lost. The new attempt's claim takes
   the job over and records the lost attempt as `abandoned`.
 - `queued` and `triaged` jobs untouched for `stale_after_s`, when the queue they wait on
-  has no message ready and no worker holds one for them (a deep backlog is not a loss).
-  Jobs of a bulk batch still being submitted are left to its `submit`.
+  has no message ready and no live worker holds one for them (a deep backlog is not a
+  loss). The messages a killed worker took stay unacknowledged until the visibility
+  timeout, but hold nothing once its beat has lapsed (`workers/holding.py`). Jobs of a
+  bulk batch still being submitted are left to its `submit`.
 
 Each re-drive touches `updated_at`, so a job is sent again at most once per
 `stale_after_s`. Steps are idempotent, so a message that was only slow, not lost, does no
-harm when its copy arrives.
+harm when its copy arrives; nor does a dead worker's, put back by kombu an hour later.
 """
 
 from __future__ import annotations

@@ -22,8 +22,11 @@ import kombu.transport as kombu_transport
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
+from workers import holding
+
 
 class Channel(kombu_redis.Channel):
+    QoS = holding.QoS  # and the worker says which messages it holds (`workers/holding.py`)
     _shared_client: Any = None
 
     @contextmanager

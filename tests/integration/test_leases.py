@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from tierfleet import constants as C
 from tierfleet.constants import JobStatus, Outcome
 from tierfleet.envelope import JobSpec
 from tierfleet.models import Attempt, Batch, Job
+from workers import holding
 from workers.backends.base import Completion
 from workers.execute import attempt_job, triage_job
 from workers.reconcile import reconcile
@@ -139,18 +141,47 @@ def test_a_backlog_is_not_a_loss(rt: Runtime, redis_url: str) -> None:
     assert _run(rt)["queued"] == 0  # its message may be behind the one in the queue
 
 
-def test_a_job_held_unacked_by_a_worker_is_not_re_driven(rt: Runtime, redis_url: str) -> None:
-    held = new_job(rt)
-    _age(rt, held, rt.settings.stale_after_s + 1)
-    body = base64.b64encode(json.dumps([[held], {}, {}]).encode()).decode()
+def _taken(r: redis.Redis, tag: str, job_id: str, queue: str, ago_s: float | None = None) -> None:
+    """A triage message for `job_id` delivered `ago_s` ago and not acknowledged, as kombu
+    records it (without `ago_s`: no delivery time recorded)."""
+    body = base64.b64encode(json.dumps([[job_id], {}, {}]).encode()).decode()
     message = {
         "body": body,
         "headers": {"task": C.TASK_TRIAGE},
         "properties": {"body_encoding": "base64"},
     }
+    r.hset(C.REDIS_UNACKED, tag, json.dumps([message, "", queue]))
+    if ago_s is not None:
+        r.zadd(C.REDIS_UNACKED_INDEX, {tag: time.time() - ago_s})
+
+
+def test_a_job_held_unacked_by_a_worker_is_not_re_driven(rt: Runtime, redis_url: str) -> None:
+    held = new_job(rt)
+    _age(rt, held, rt.settings.stale_after_s + 1)
     with redis.Redis.from_url(redis_url) as r:
-        r.hset(C.REDIS_UNACKED, "tag-1", json.dumps([message, "", rt.settings.queue_triage]))
+        _taken(r, "tag-1", held, rt.settings.queue_triage)
     assert _run(rt)["queued"] == 0
+
+
+def test_a_message_whose_worker_is_gone_holds_its_job_no_longer(
+    rt: Runtime, redis_url: str
+) -> None:
+    orphaned, alive, just_taken = new_job(rt), new_job(rt), new_job(rt)
+    for job_id in (orphaned, alive, just_taken):
+        _age(rt, job_id, rt.settings.stale_after_s + 1)
+    queue = rt.settings.queue_triage
+    with redis.Redis.from_url(redis_url) as r:
+        _taken(r, "tag-orphaned", orphaned, queue, ago_s=600)  # its worker beats no more
+        _taken(r, "tag-alive", alive, queue, ago_s=600)
+        _taken(r, "tag-just-taken", just_taken, queue, ago_s=1)  # before its worker's beat
+        live, gone = (C.REDIS_CONSUMER_PREFIX + name for name in ("host:1:a", "host:2:b"))
+        r.sadd(C.REDIS_CONSUMERS, live, gone)  # the gone worker's key has expired
+        r.set(live, json.dumps(["tag-alive"]), ex=holding.ALIVE_TTL_S)
+    assert _run(rt)["queued"] == 1
+    assert _queued(redis_url, queue) == [(C.TASK_TRIAGE, [orphaned])]
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.smembers(C.REDIS_CONSUMERS) == {live.encode()}  # the gone one forgotten
+        assert r.hexists(C.REDIS_UNACKED, "tag-orphaned")  # left to kombu's own restore
 
 
 def test_a_running_job_whose_lease_lapsed_is_re_driven_even_if_its_message_is_held(
