@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import orjson
 import redis
 from sqlalchemy import Connection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from tierfleet import constants as C
 from tierfleet.constants import JobStatus, Outcome
@@ -36,7 +36,7 @@ from tierfleet.errors import (
     TierfleetError,
 )
 from tierfleet.prices import Usage
-from workers import sql
+from workers import sql, storable
 from workers.backends.base import BatchBackend, Completion
 from workers.budgets import Hold
 from workers.policy import Action, Decision
@@ -430,7 +430,18 @@ class CallResult:
 def _call(rt: Runtime, spec: JobSpec, tier: str, complete: Callable[..., Completion]) -> CallResult:
     """Call the tier's model (`complete`: the backend's, or a batch result's reader) and
     validate its answer. Never raises: every fault becomes an outcome, so that every call
-    leaves an attempt row behind."""
+    leaves an attempt row behind; and its texts are storable, so that the row goes in."""
+    call = _call_and_validate(rt, spec, tier, complete)
+    return dataclasses.replace(
+        call,
+        error=storable.text(call.error) or "",
+        finish_reason=storable.text(call.finish_reason, storable.MAX_FINISH_REASON_CHARS),
+    )
+
+
+def _call_and_validate(
+    rt: Runtime, spec: JobSpec, tier: str, complete: Callable[..., Completion]
+) -> CallResult:
     is_top = tier == rt.policy.ladder[-1]
     timeout_s = (
         rt.settings.frontier_timeout_s if is_top else rt.settings.slm_timeout_s(spec.max_tokens)
@@ -459,15 +470,39 @@ def _call(rt: Runtime, spec: JobSpec, tier: str, complete: Callable[..., Complet
         mean_logprob=completion.mean_logprob,
     )
     try:
+        result = _validated(rt, spec, tier, completion, is_top=is_top)
+    except InvalidOutput as exc:
+        outcome = Outcome.LOW_CONFIDENCE if exc.rule == LOW_CONFIDENCE_RULE else Outcome.INVALID
+        return dataclasses.replace(answered, outcome=outcome, error=str(exc))
+    return dataclasses.replace(answered, result=result)
+
+
+def _validated(
+    rt: Runtime, spec: JobSpec, tier: str, completion: Completion, *, is_top: bool
+) -> Any:
+    """The result to store, or `InvalidOutput`: an answer that breaks a rule, that the
+    validator cannot judge (it raised), or that the ledger cannot store as it is. The log
+    names the job, never the answer."""
+    try:
         result = validate(
             completion,
             spec.output_schema,
             min_mean_logprob=None if is_top else rt.settings.min_mean_logprob,
         )
-    except InvalidOutput as exc:
-        outcome = Outcome.LOW_CONFIDENCE if exc.rule == LOW_CONFIDENCE_RULE else Outcome.INVALID
-        return dataclasses.replace(answered, outcome=outcome, error=str(exc))
-    return dataclasses.replace(answered, result=result)
+    except InvalidOutput:
+        raise
+    except Exception as exc:  # the answer was paid for: it is booked as invalid
+        log.warning(
+            "validation raised; the answer counts as invalid",
+            extra={"action": "attempt.validation_error", "job_id": spec.id, "tier": tier,
+                   "error_class": type(exc).__name__},
+        )  # fmt: skip
+        raised = f"the answer could not be validated: {type(exc).__name__}: {exc}"
+        raise InvalidOutput(raised, rule=storable.VALIDATOR_RULE) from None
+    why = storable.unstorable(result)
+    if why is not None:
+        raise InvalidOutput(why, rule=storable.UNSTORABLE_RULE)
+    return result
 
 
 def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
@@ -536,7 +571,18 @@ def _settle(
     spec = claimed.spec
     # The answer is paid for: wait out a ledger outage rather than call again.
     booked: list[Decision | None] = []
-    decision = _with_ledger_retry(rt, spec.id, lambda: _book(rt, claimed, tier, call, row, booked))
+    try:
+        decision = _with_ledger_retry(
+            rt, spec.id, lambda: _book(rt, claimed, tier, call, row, booked)
+        )
+    except (DataError, IntegrityError, UnicodeEncodeError) as exc:
+        if ledger_unavailable(exc):
+            raise
+        call, row = _refused(spec, tier, call, row, exc)
+        booked.clear()  # refused: nothing was written
+        decision = _with_ledger_retry(
+            rt, spec.id, lambda: _book(rt, claimed, tier, call, row, booked)
+        )
     rt.metrics.attempt(
         tier=tier,
         model=row["model"],
@@ -566,6 +612,29 @@ def _settle(
         },
     )
     return _follow(rt, spec, tier, call.outcome, decision, claimed.created_at)
+
+
+def _refused(
+    spec: JobSpec, tier: str, call: CallResult, row: dict[str, Any], exc: Exception
+) -> tuple[CallResult, dict[str, Any]]:
+    """The ledger refused to book the attempt as it was (bad data, not an outage): it is
+    booked as an invalid answer, with what the call really cost, and the reason. The log
+    and the reason name the error's class, never the statement's parameters (the job's
+    contents)."""
+    refusal = type(exc).__name__
+    orig = getattr(exc, "orig", None)
+    if orig is not None:
+        refusal += f": {type(orig).__name__}"  # e.g. "DataError: UntranslatableCharacter"
+    log.error(
+        "the ledger refused the attempt as it was; booked as an invalid answer",
+        extra={"action": "attempt.refused", "job_id": spec.id, "tier": tier,
+               "error_class": refusal},
+    )  # fmt: skip
+    error = f"the answer cannot be stored: the ledger refused it ({refusal})"
+    invalid = dataclasses.replace(
+        call, outcome=Outcome.INVALID, result=None, error=error, finish_reason=None
+    )
+    return invalid, {**row, "outcome": Outcome.INVALID, "error": error, "finish_reason": None}
 
 
 def _teach_router(rt: Runtime, claimed: _Claimed, tier: str, decision: Decision) -> None:
