@@ -226,7 +226,7 @@ def _claim_once(
             claimed = _claimed(job_id, landed)
             return dataclasses.replace(claimed, collected=batching(rt, tier, claimed.spec))
         if row is None:
-            _stop_over_cap(rt, conn, job_id, tier)
+            _stop_batch(rt, conn, job_id, tier, now)
             return None
         hold = rt.budgets.hold(conn, row.feature, tier)
         if hold is not None:
@@ -308,28 +308,40 @@ def _hold(rt: Runtime, job_id: str, tier: str, hold: Hold) -> Next | None:
     return Next(tier, hold.delay_s)
 
 
-def _stop_over_cap(rt: Runtime, conn: Connection, job_id: str, tier: str) -> None:
-    """A claim found nothing to run. When that is because the job's batch has spent its
-    cap, the job is cancelled with the reason, instead of waiting for a call that never
-    comes. (Otherwise the job moved on, and the message was a duplicate.)"""
-    spend = conn.execute(sql.BATCH_SPEND_OF_JOB, {"p_id": job_id}).first()
-    if spend is None or spend.spent_usd < spend.spend_cap_usd:
+def _stop_batch(rt: Runtime, conn: Connection, job_id: str, tier: str, now: dt.datetime) -> None:
+    """A claim found nothing to run. When that is because the job's batch was cancelled,
+    or has spent its cap, the job is cancelled with the reason, instead of waiting for a
+    call that never comes (taken from a lost worker, its lost call is recorded, as a
+    take-over records it). Otherwise the job moved on, and the message was a duplicate."""
+    batch = conn.execute(sql.BATCH_STOP_OF_JOB, {"p_id": job_id}).first()
+    params: dict[str, Any] = {"p_id": job_id, "p_tier": tier}
+    row: Any
+    if batch is not None and batch.cancelled_at is not None:
+        when = f"{utc(batch.cancelled_at):%Y-%m-%d %H:%M:%S} UTC"
+        error = f"cancelled: its batch was cancelled at {when}; no new call starts"
+        stopped = conn.execute(sql.CANCEL_WITH_BATCH, {**params, "p_now": now, "p_error": error})
+        row, action = stopped.first(), "attempt.batch_cancelled"
+        if row is not None and row.lost_leased_at is not None:
+            _record_lost(rt, conn, job_id, row.attempt_count, tier, row.feature, row.lost_leased_at)
+    elif batch is not None and batch.spend_cap_usd is not None:
+        if batch.spent_usd < batch.spend_cap_usd:
+            return
+        error = (
+            f"cancelled: its batch reached its spend cap (spent ${_usd(batch.spent_usd)} of "
+            f"${_usd(batch.spend_cap_usd)}); no new call starts"
+        )
+        row = conn.execute(sql.CANCEL_OVER_CAP, {**params, "p_error": error}).first()
+        action = "attempt.over_cap"
+    else:
         return
-    error = (
-        f"cancelled: its batch reached its spend cap (spent ${_usd(spend.spent_usd)} of "
-        f"${_usd(spend.spend_cap_usd)}); no new call starts"
-    )
-    stopped = conn.execute(
-        sql.CANCEL_OVER_CAP, {"p_id": job_id, "p_tier": tier, "p_error": error}
-    ).first()
-    if stopped is not None:
+    if row is not None:
         rt.metrics.job_finished(
-            tier=tier, feature=stopped.feature, status=JobStatus.CANCELLED.value,
-            duration_ms=_duration_ms(stopped.created_at),
+            tier=tier, feature=row.feature, status=JobStatus.CANCELLED.value,
+            duration_ms=_duration_ms(row.created_at),
         )  # fmt: skip
         log.info(
-            "batch spend cap reached; job cancelled",
-            extra={"action": "attempt.over_cap", "job_id": job_id, "tier": tier},
+            "no new call for its batch; job cancelled",
+            extra={"action": action, "job_id": job_id, "tier": tier},
         )
 
 
@@ -346,16 +358,7 @@ def _take_over(
     (usage unknown: no answer came back). After `max_worker_losses` such losses the job
     is dead-lettered instead of run again: it may be what crashes its workers."""
     job_id, spec = claimed.spec.id, claimed.spec
-    backend = rt.backends[tier]
-    lost_seq = claimed.seq - 1
-    conn.execute(
-        sql.insert_attempt_once(conn.dialect.name),
-        _attempt_row(
-            job_id, lost_seq, tier, backend, spec.feature, CallResult(Outcome.ABANDONED,
-            error="its worker was lost mid-call (the lease lapsed); usage unknown"),
-            cost=Decimal(0), latency_ms=_ms_since(lost_since), started_at=lost_since,
-        ),
-    )  # fmt: skip
+    _record_lost(rt, conn, job_id, claimed.seq - 1, tier, spec.feature, lost_since)
     losses = conn.execute(sql.COUNT_ABANDONED, {"p_id": job_id, "p_floor": claimed.floor})
     lost = int(losses.scalar_one())
     log.warning(
@@ -373,6 +376,27 @@ def _take_over(
         reason="worker_lost", tries=lost, error=error, body=[job_id, tier],
     )  # fmt: skip
     return False
+
+
+def _record_lost(
+    rt: Runtime,
+    conn: Connection,
+    job_id: str,
+    seq: int,
+    tier: str,
+    feature: str,
+    lost_since: dt.datetime,
+) -> None:
+    """The attempt of a worker lost mid-call, as abandoned: no answer came back (if it
+    comes after all, its booking fills in the usage and cost)."""
+    conn.execute(
+        sql.insert_attempt_once(conn.dialect.name),
+        _attempt_row(
+            job_id, seq, tier, rt.backends[tier], feature, CallResult(Outcome.ABANDONED,
+            error="its worker was lost mid-call (the lease lapsed); usage unknown"),
+            cost=Decimal(0), latency_ms=_ms_since(lost_since), started_at=lost_since,
+        ),
+    )  # fmt: skip
 
 
 def dead_letter(
