@@ -4,8 +4,10 @@ A paid answer must be booked, so nothing the answer holds may make the booking f
 ledger stores a job's result as JSON (written as `orjson` writes it: no lone surrogate,
 integers within 64 bits, at most 255 levels deep) in Postgres, whose text and jsonb hold
 no NUL character, and whose JSON has no NaN or Infinity (which Python's JSON reader
-accepts, and `orjson` would quietly write as null). A result that breaks any of these is
-an invalid answer (`unstorable`); the texts an attempt's row carries are made storable.
+accepts, and `orjson` would quietly write as null), and whose JSON numbers come back
+integers when they have no fraction (a float past 64 bits would come back an integer
+`orjson` cannot write). A result that breaks any of these is an invalid answer
+(`unstorable`); the texts an attempt's row carries are made storable.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ VALIDATOR_RULE = "validator"  # the validator raised: it cannot judge the answer
 MAX_ERROR_CHARS = 2_000  # an attempt's error: what it says, not all it quotes
 MAX_FINISH_REASON_CHARS = 32  # `attempts.finish_reason`
 _NUL = "\x00"
+# The integers `orjson` writes. Postgres gives a float this large back as an integer (1e20
+# as 100000000000000000000), which the results (written by `orjson`) could not hold.
+_INT_RANGE = (-(2**63), 2**64)
 _SHOWN_KEY_CHARS = 40
 
 
@@ -35,6 +40,11 @@ def unstorable(result: Any) -> str | None:
             return f"the answer cannot be stored: a NUL character (\\u0000) {where}"
         if isinstance(value, float) and not math.isfinite(value):
             return f"the answer cannot be stored: the number {value} {where}"
+        if isinstance(value, float) and not _INT_RANGE[0] <= value < _INT_RANGE[1]:
+            return (
+                f"the answer cannot be stored: the number {value} {where} would read back as "
+                "an integer over 64 bits"
+            )
     return None
 
 
