@@ -148,7 +148,9 @@ def results(ledger: Ledger, batch_id: str) -> Iterator[dict[str, Any]]:
 
 
 def cancel(ledger: Ledger, batch_id: str) -> int:
-    """Unstarted jobs (queued, triaged) become `cancelled`; running ones finish."""
+    """Unstarted jobs (queued, triaged) become `cancelled`; running ones finish their call,
+    and go no further: a worker's claim of a job of a cancelled batch (an escalation, a
+    retry) cancels it instead, the reason in its `error`."""
     _batch(ledger, batch_id)
     with ledger.begin() as conn:
         cancelled = conn.execute(

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import orjson
 import redis
 from sqlalchemy import Connection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from tierfleet import constants as C
 from tierfleet.constants import JobStatus, Outcome
@@ -36,7 +36,7 @@ from tierfleet.errors import (
     TierfleetError,
 )
 from tierfleet.prices import Usage
-from workers import sql
+from workers import sql, storable
 from workers.backends.base import BatchBackend, Completion
 from workers.budgets import Hold
 from workers.policy import Action, Decision
@@ -226,7 +226,7 @@ def _claim_once(
             claimed = _claimed(job_id, landed)
             return dataclasses.replace(claimed, collected=batching(rt, tier, claimed.spec))
         if row is None:
-            _stop_over_cap(rt, conn, job_id, tier)
+            _stop_batch(rt, conn, job_id, tier, now)
             return None
         hold = rt.budgets.hold(conn, row.feature, tier)
         if hold is not None:
@@ -308,28 +308,40 @@ def _hold(rt: Runtime, job_id: str, tier: str, hold: Hold) -> Next | None:
     return Next(tier, hold.delay_s)
 
 
-def _stop_over_cap(rt: Runtime, conn: Connection, job_id: str, tier: str) -> None:
-    """A claim found nothing to run. When that is because the job's batch has spent its
-    cap, the job is cancelled with the reason, instead of waiting for a call that never
-    comes. (Otherwise the job moved on, and the message was a duplicate.)"""
-    spend = conn.execute(sql.BATCH_SPEND_OF_JOB, {"p_id": job_id}).first()
-    if spend is None or spend.spent_usd < spend.spend_cap_usd:
+def _stop_batch(rt: Runtime, conn: Connection, job_id: str, tier: str, now: dt.datetime) -> None:
+    """A claim found nothing to run. When that is because the job's batch was cancelled,
+    or has spent its cap, the job is cancelled with the reason, instead of waiting for a
+    call that never comes (taken from a lost worker, its lost call is recorded, as a
+    take-over records it). Otherwise the job moved on, and the message was a duplicate."""
+    batch = conn.execute(sql.BATCH_STOP_OF_JOB, {"p_id": job_id}).first()
+    params: dict[str, Any] = {"p_id": job_id, "p_tier": tier}
+    row: Any
+    if batch is not None and batch.cancelled_at is not None:
+        when = f"{utc(batch.cancelled_at):%Y-%m-%d %H:%M:%S} UTC"
+        error = f"cancelled: its batch was cancelled at {when}; no new call starts"
+        stopped = conn.execute(sql.CANCEL_WITH_BATCH, {**params, "p_now": now, "p_error": error})
+        row, action = stopped.first(), "attempt.batch_cancelled"
+        if row is not None and row.lost_leased_at is not None:
+            _record_lost(rt, conn, job_id, row.attempt_count, tier, row.feature, row.lost_leased_at)
+    elif batch is not None and batch.spend_cap_usd is not None:
+        if batch.spent_usd < batch.spend_cap_usd:
+            return
+        error = (
+            f"cancelled: its batch reached its spend cap (spent ${_usd(batch.spent_usd)} of "
+            f"${_usd(batch.spend_cap_usd)}); no new call starts"
+        )
+        row = conn.execute(sql.CANCEL_OVER_CAP, {**params, "p_error": error}).first()
+        action = "attempt.over_cap"
+    else:
         return
-    error = (
-        f"cancelled: its batch reached its spend cap (spent ${_usd(spend.spent_usd)} of "
-        f"${_usd(spend.spend_cap_usd)}); no new call starts"
-    )
-    stopped = conn.execute(
-        sql.CANCEL_OVER_CAP, {"p_id": job_id, "p_tier": tier, "p_error": error}
-    ).first()
-    if stopped is not None:
+    if row is not None:
         rt.metrics.job_finished(
-            tier=tier, feature=stopped.feature, status=JobStatus.CANCELLED.value,
-            duration_ms=_duration_ms(stopped.created_at),
+            tier=tier, feature=row.feature, status=JobStatus.CANCELLED.value,
+            duration_ms=_duration_ms(row.created_at),
         )  # fmt: skip
         log.info(
-            "batch spend cap reached; job cancelled",
-            extra={"action": "attempt.over_cap", "job_id": job_id, "tier": tier},
+            "no new call for its batch; job cancelled",
+            extra={"action": action, "job_id": job_id, "tier": tier},
         )
 
 
@@ -346,16 +358,7 @@ def _take_over(
     (usage unknown: no answer came back). After `max_worker_losses` such losses the job
     is dead-lettered instead of run again: it may be what crashes its workers."""
     job_id, spec = claimed.spec.id, claimed.spec
-    backend = rt.backends[tier]
-    lost_seq = claimed.seq - 1
-    conn.execute(
-        sql.insert_attempt_once(conn.dialect.name),
-        _attempt_row(
-            job_id, lost_seq, tier, backend, spec.feature, CallResult(Outcome.ABANDONED,
-            error="its worker was lost mid-call (the lease lapsed); usage unknown"),
-            cost=Decimal(0), latency_ms=_ms_since(lost_since), started_at=lost_since,
-        ),
-    )  # fmt: skip
+    _record_lost(rt, conn, job_id, claimed.seq - 1, tier, spec.feature, lost_since)
     losses = conn.execute(sql.COUNT_ABANDONED, {"p_id": job_id, "p_floor": claimed.floor})
     lost = int(losses.scalar_one())
     log.warning(
@@ -373,6 +376,27 @@ def _take_over(
         reason="worker_lost", tries=lost, error=error, body=[job_id, tier],
     )  # fmt: skip
     return False
+
+
+def _record_lost(
+    rt: Runtime,
+    conn: Connection,
+    job_id: str,
+    seq: int,
+    tier: str,
+    feature: str,
+    lost_since: dt.datetime,
+) -> None:
+    """The attempt of a worker lost mid-call, as abandoned: no answer came back (if it
+    comes after all, its booking fills in the usage and cost)."""
+    conn.execute(
+        sql.insert_attempt_once(conn.dialect.name),
+        _attempt_row(
+            job_id, seq, tier, rt.backends[tier], feature, CallResult(Outcome.ABANDONED,
+            error="its worker was lost mid-call (the lease lapsed); usage unknown"),
+            cost=Decimal(0), latency_ms=_ms_since(lost_since), started_at=lost_since,
+        ),
+    )  # fmt: skip
 
 
 def dead_letter(
@@ -430,7 +454,18 @@ class CallResult:
 def _call(rt: Runtime, spec: JobSpec, tier: str, complete: Callable[..., Completion]) -> CallResult:
     """Call the tier's model (`complete`: the backend's, or a batch result's reader) and
     validate its answer. Never raises: every fault becomes an outcome, so that every call
-    leaves an attempt row behind."""
+    leaves an attempt row behind; and its texts are storable, so that the row goes in."""
+    call = _call_and_validate(rt, spec, tier, complete)
+    return dataclasses.replace(
+        call,
+        error=storable.text(call.error) or "",
+        finish_reason=storable.text(call.finish_reason, storable.MAX_FINISH_REASON_CHARS),
+    )
+
+
+def _call_and_validate(
+    rt: Runtime, spec: JobSpec, tier: str, complete: Callable[..., Completion]
+) -> CallResult:
     is_top = tier == rt.policy.ladder[-1]
     timeout_s = (
         rt.settings.frontier_timeout_s if is_top else rt.settings.slm_timeout_s(spec.max_tokens)
@@ -459,15 +494,39 @@ def _call(rt: Runtime, spec: JobSpec, tier: str, complete: Callable[..., Complet
         mean_logprob=completion.mean_logprob,
     )
     try:
+        result = _validated(rt, spec, tier, completion, is_top=is_top)
+    except InvalidOutput as exc:
+        outcome = Outcome.LOW_CONFIDENCE if exc.rule == LOW_CONFIDENCE_RULE else Outcome.INVALID
+        return dataclasses.replace(answered, outcome=outcome, error=str(exc))
+    return dataclasses.replace(answered, result=result)
+
+
+def _validated(
+    rt: Runtime, spec: JobSpec, tier: str, completion: Completion, *, is_top: bool
+) -> Any:
+    """The result to store, or `InvalidOutput`: an answer that breaks a rule, that the
+    validator cannot judge (it raised), or that the ledger cannot store as it is. The log
+    names the job, never the answer."""
+    try:
         result = validate(
             completion,
             spec.output_schema,
             min_mean_logprob=None if is_top else rt.settings.min_mean_logprob,
         )
-    except InvalidOutput as exc:
-        outcome = Outcome.LOW_CONFIDENCE if exc.rule == LOW_CONFIDENCE_RULE else Outcome.INVALID
-        return dataclasses.replace(answered, outcome=outcome, error=str(exc))
-    return dataclasses.replace(answered, result=result)
+    except InvalidOutput:
+        raise
+    except Exception as exc:  # the answer was paid for: it is booked as invalid
+        log.warning(
+            "validation raised; the answer counts as invalid",
+            extra={"action": "attempt.validation_error", "job_id": spec.id, "tier": tier,
+                   "error_class": type(exc).__name__},
+        )  # fmt: skip
+        raised = f"the answer could not be validated: {type(exc).__name__}: {exc}"
+        raise InvalidOutput(raised, rule=storable.VALIDATOR_RULE) from None
+    why = storable.unstorable(result)
+    if why is not None:
+        raise InvalidOutput(why, rule=storable.UNSTORABLE_RULE)
+    return result
 
 
 def attempt_job(rt: Runtime, job_id: str, tier: str) -> Next | None:
@@ -536,7 +595,18 @@ def _settle(
     spec = claimed.spec
     # The answer is paid for: wait out a ledger outage rather than call again.
     booked: list[Decision | None] = []
-    decision = _with_ledger_retry(rt, spec.id, lambda: _book(rt, claimed, tier, call, row, booked))
+    try:
+        decision = _with_ledger_retry(
+            rt, spec.id, lambda: _book(rt, claimed, tier, call, row, booked)
+        )
+    except (DataError, IntegrityError, UnicodeEncodeError) as exc:
+        if ledger_unavailable(exc):
+            raise
+        call, row = _refused(spec, tier, call, row, exc)
+        booked.clear()  # refused: nothing was written
+        decision = _with_ledger_retry(
+            rt, spec.id, lambda: _book(rt, claimed, tier, call, row, booked)
+        )
     rt.metrics.attempt(
         tier=tier,
         model=row["model"],
@@ -566,6 +636,29 @@ def _settle(
         },
     )
     return _follow(rt, spec, tier, call.outcome, decision, claimed.created_at)
+
+
+def _refused(
+    spec: JobSpec, tier: str, call: CallResult, row: dict[str, Any], exc: Exception
+) -> tuple[CallResult, dict[str, Any]]:
+    """The ledger refused to book the attempt as it was (bad data, not an outage): it is
+    booked as an invalid answer, with what the call really cost, and the reason. The log
+    and the reason name the error's class, never the statement's parameters (the job's
+    contents)."""
+    refusal = type(exc).__name__
+    orig = getattr(exc, "orig", None)
+    if orig is not None:
+        refusal += f": {type(orig).__name__}"  # e.g. "DataError: UntranslatableCharacter"
+    log.error(
+        "the ledger refused the attempt as it was; booked as an invalid answer",
+        extra={"action": "attempt.refused", "job_id": spec.id, "tier": tier,
+               "error_class": refusal},
+    )  # fmt: skip
+    error = f"the answer cannot be stored: the ledger refused it ({refusal})"
+    invalid = dataclasses.replace(
+        call, outcome=Outcome.INVALID, result=None, error=error, finish_reason=None
+    )
+    return invalid, {**row, "outcome": Outcome.INVALID, "error": error, "finish_reason": None}
 
 
 def _teach_router(rt: Runtime, claimed: _Claimed, tier: str, decision: Decision) -> None:

@@ -78,23 +78,27 @@ RANGE_READ = (
 )
 
 # The job's batch has a spend cap and has reached it: no new call starts.
-_CAP_REACHED = (
+_cap_reached = and_(_batch.spend_cap_usd.is_not(None), _batch.spent_usd >= _batch.spend_cap_usd)
+_CAP_REACHED = select(_batch.id).where(_batch.id == Job.batch_id, _cap_reached).exists()
+# The job's batch was cancelled: no new call starts, on any tier.
+_CANCELLED = (
+    select(_batch.id).where(_batch.id == Job.batch_id, _batch.cancelled_at.is_not(None)).exists()
+)
+# Either: one look at the batch's row, for the common claim.
+_BATCH_STOPPED = (
     select(_batch.id)
-    .where(
-        _batch.id == Job.batch_id,
-        _batch.spend_cap_usd.is_not(None),
-        _batch.spent_usd >= _batch.spend_cap_usd,
-    )
+    .where(_batch.id == Job.batch_id, or_(_batch.cancelled_at.is_not(None), _cap_reached))
     .exists()
 )
 
 # Running on `p_tier` under a lease, in one statement: None when the job moved on
-# (terminal, on another tier, or running under a live lease), or when its batch reached
-# its spend cap. A `running` job whose lease lapsed is taken over: its worker was lost
-# mid-call. SET sees the row as it was, so `lost_leased_at` comes back non-null exactly
-# when this claim took a job over.
+# (terminal, on another tier, or running under a live lease), or when its batch was
+# cancelled or reached its spend cap. A `running` job whose lease lapsed is taken over:
+# its worker was lost mid-call (unless its batch was cancelled). SET sees the row as it
+# was, so `lost_leased_at` comes back non-null exactly when this claim took a job over.
 _RUNNING = JobStatus.RUNNING
-_TRIAGED_UNCAPPED = and_(Job.status == JobStatus.TRIAGED, not_(_CAP_REACHED))
+_TRIAGED_TO_RUN = and_(Job.status == JobStatus.TRIAGED, not_(_BATCH_STOPPED))
+_LOST_SINCE = case((Job.status == _RUNNING, Job.leased_at), else_=null())
 _CLAIM = (
     update(Job)
     .values(
@@ -103,7 +107,7 @@ _CLAIM = (
         updated_at=_p("p_now", _job.updated_at),  # one clock for the lease and its staleness
         leased_at=_p("p_now", _job.leased_at),
         lease_until=_p("p_until", _job.lease_until),
-        lost_leased_at=case((Job.status == _RUNNING, Job.leased_at), else_=null()),
+        lost_leased_at=_LOST_SINCE,
         hold_reason=None,
     )
     .returning(
@@ -128,20 +132,36 @@ _LEASE_LAPSED = and_(
     Job.status == _RUNNING,
     or_(Job.lease_until.is_(None), Job.lease_until < _p("p_now", _job.lease_until)),
 )
-CLAIM = _CLAIM.where(_ON_TIER, or_(_TRIAGED_UNCAPPED, _LEASE_LAPSED))
+CLAIM = _CLAIM.where(_ON_TIER, or_(_TRIAGED_TO_RUN, and_(_LEASE_LAPSED, not_(_CANCELLED))))
 # The common case alone, in a statement of its own (autocommit): a triaged job. Its
 # `lost_leased_at` comes back null; None back, and the full CLAIM decides.
-CLAIM_TRIAGED = _CLAIM.where(_ON_TIER, _TRIAGED_UNCAPPED)
+CLAIM_TRIAGED = _CLAIM.where(_ON_TIER, _TRIAGED_TO_RUN)
 # A capped batch's running spend, added to in the transaction that books each attempt.
 ADD_BATCH_SPEND = (
     update(Batch)
     .where(Batch.id == _p("p_batch", _batch.id))
     .values(spent_usd=Batch.spent_usd + _p("p_cost", _batch.spent_usd))
 )
-# The rare path of a claim that found nothing to run: was it the batch's spend cap?
-BATCH_SPEND_OF_JOB = select(_batch.spend_cap_usd, _batch.spent_usd).where(
+# The rare path of a claim that found nothing to run: was it the job's batch, cancelled
+# or at its spend cap?
+BATCH_STOP_OF_JOB = select(_batch.spend_cap_usd, _batch.spent_usd, _batch.cancelled_at).where(
     _batch.id == select(Job.batch_id).where(Job.id == _p("p_id")).scalar_subquery(),
-    _batch.spend_cap_usd.is_not(None),
+    or_(_batch.spend_cap_usd.is_not(None), _batch.cancelled_at.is_not(None)),
+)
+# A job of a cancelled batch that a claim would have run, triaged or taken over from a
+# lost worker (`lost_leased_at` back non-null: record its lost call), is cancelled.
+CANCEL_WITH_BATCH = (
+    update(Job)
+    .where(_ON_TIER, or_(Job.status == JobStatus.TRIAGED, _LEASE_LAPSED), _CANCELLED)
+    .values(
+        status=JobStatus.CANCELLED,
+        error=_p("p_error", _job.error),
+        finished_at=func.now(),
+        lease_until=None,
+        lost_leased_at=_LOST_SINCE,
+        hold_reason=None,
+    )
+    .returning(Job.feature, Job.created_at, Job.attempt_count, Job.lost_leased_at)
 )
 CANCEL_OVER_CAP = (
     update(Job)

@@ -65,9 +65,10 @@ def _error(task: Task, rt: Runtime, job_id: str | None, exc: Exception, retries:
     if tries < rt.settings.max_task_errors:
         log.warning(
             "step raised; retrying",
-            exc_info=True,
-            extra={"action": "task.error", "task": task.name, "job_id": job_id, "tries": tries},
-        )
+            exc_info=not isinstance(exc, DBAPIError),  # its text holds the job's contents
+            extra={"action": "task.error", "task": task.name, "job_id": job_id, "tries": tries,
+                   "error_class": type(exc).__name__},
+        )  # fmt: skip
         raise task.retry(countdown=_backoff_s(retries), max_retries=None) from None
     delivery = task.request.delivery_info or {}
     with rt.ledger.begin() as conn:
