@@ -24,10 +24,13 @@ PRIORITY_STEPS = (3, 6, 9)
 @dataclass
 class Held:
     """Ready messages per queue; unacknowledged ones per queue, and the jobs and batches
-    those carry while their worker lives."""
+    those carry, while their worker lives; and per queue those whose worker is gone
+    (`orphaned`: kombu restores them at the visibility timeout, and their jobs are
+    re-driven sooner, so they are not work a pool has to scale for)."""
 
     ready: dict[str, int] = field(default_factory=dict)
     unacked: Counter[str] = field(default_factory=Counter)
+    orphaned: Counter[str] = field(default_factory=Counter)
     job_ids: set[str] = field(default_factory=set)
     batch_ids: set[str] = field(default_factory=set)
 
@@ -52,7 +55,7 @@ def held(client: redis.Redis, queues: list[str]) -> Held:
     for tag, raw in tags.items():
         in_queue, task, args = _unacked(raw)
         if in_queue is not None:
-            out.unacked[in_queue] += 1
+            (out.orphaned if tag in orphans else out.unacked)[in_queue] += 1
         if tag in orphans:
             continue
         if task == C.TASK_TRIAGE_RANGE and args:

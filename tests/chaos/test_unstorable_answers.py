@@ -1,8 +1,8 @@
 """Answers the ledger cannot store as they came, through real worker processes: the real
 `openai` and `anthropic` clients talk to the fake vLLM and Anthropic servers, which answer
 with a NUL character (Postgres text and jsonb refuse it), with NaN or Infinity (Python's
-JSON reader takes them, the ledger's JSON cannot hold them), or with an answer whose
-validation raises (a recursive schema too deep for the validator).
+JSON reader takes them, the ledger's JSON cannot hold them), or with an answer too deep
+for its recursive schema to be checked (which once made the validator raise).
 
 Each such answer was paid for. It must be booked once, with its real usage and cost, as
 an invalid answer (escalated, or failed on the top rung), never left to a lapsed lease:
@@ -86,13 +86,13 @@ CASES = [
     Case("slm-infinity", SLM, ANY_OBJECT, '{"score": Infinity}', ESCALATED, JobStatus.SUCCEEDED,
          "cannot be stored: the number inf at /score"),
     Case(  # the frontier's answer comes wrapped in an object (a tool's input is one)
-        "slm-validation-raises", SLM, RECURSIVE, DEEP, ESCALATED, JobStatus.SUCCEEDED,
-        "could not be validated: RecursionError", good='{"value": [[], [[]]]}',
+        "slm-validation-too-deep", SLM, RECURSIVE, DEEP, ESCALATED, JobStatus.SUCCEEDED,
+        "nest too deeply to be checked", good='{"value": [[], [[]]]}',
     ),
     Case("frontier-nul-in-text", FRONTIER, None, "Fine\u0000print.", FAILED_ON_TOP,
          JobStatus.FAILED, f"{NUL} at (root)"),
-    Case("frontier-validation-raises", FRONTIER, RECURSIVE, DEEP, FAILED_ON_TOP,
-         JobStatus.FAILED, "could not be validated: RecursionError"),
+    Case("frontier-validation-too-deep", FRONTIER, RECURSIVE, DEEP, FAILED_ON_TOP,
+         JobStatus.FAILED, "nest too deeply to be checked"),
 ]  # fmt: skip
 
 

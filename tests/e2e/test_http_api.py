@@ -64,6 +64,7 @@ def test_health_readiness_and_the_openapi_document(api: Api) -> None:
     assert "feature" in body["schema"]["properties"]  # the envelope's own schema
 
 
+@pytest.mark.chaos
 def test_auth_failures_are_401_with_a_reason_and_another_teams_job_is_404(api: Api) -> None:
     job = json.dumps(ENVELOPE).encode()
     cases = {

@@ -135,6 +135,7 @@ def test_files_over_their_caps_are_413(serve_api: Callable[..., Api], tmp_path: 
         assert "over the limit of 3" in str(refused.value) or "2,000 bytes" in str(refused.value)
 
 
+@pytest.mark.chaos
 def test_another_teams_file_and_batch_are_404_as_unknown_ones_and_a_cancel_ends_in_cancelled(
     api: Api, tmp_path: Path
 ) -> None:
@@ -191,6 +192,7 @@ def _run_to_completed(client: OpenAI, batch_id: str) -> Any:
     return wait_until(done, timeout_s=90, what="the batch to complete")
 
 
+@pytest.mark.chaos
 def test_a_nul_in_a_prompt_or_a_custom_id_leaves_the_output_file_readable(
     api: Api, start_workers: Callable[..., Workers], tmp_path: Path
 ) -> None:
@@ -212,6 +214,7 @@ def test_a_nul_in_a_prompt_or_a_custom_id_leaves_the_output_file_readable(
     assert ids == ["review-0", "review-1", "review-2", "review-3", "review-\u00004", "review-5"]
 
 
+@pytest.mark.chaos
 def test_the_output_file_streams_and_its_size_is_its_length_and_a_cancel_leaves_it_completed(
     api: Api, start_workers: Callable[..., Workers], tmp_path: Path
 ) -> None:
@@ -235,6 +238,7 @@ def test_the_output_file_streams_and_its_size_is_its_length_and_a_cancel_leaves_
         assert meta.bytes == len(body) and len(body.splitlines()) == 40
 
 
+@pytest.mark.chaos
 def test_a_custom_id_that_is_not_a_string_is_400_naming_its_line(api: Api, tmp_path: Path) -> None:
     client = sdk(api, api.token())
     good = request("a", "fine")
@@ -251,6 +255,7 @@ def test_a_custom_id_that_is_not_a_string_is_400_naming_its_line(api: Api, tmp_p
         assert f"line {no}, field 'custom_id'" in message, message
 
 
+@pytest.mark.chaos
 def test_a_file_accepted_at_upload_is_accepted_by_its_batch(
     serve_api: Callable[..., Api], tmp_path: Path
 ) -> None:

@@ -23,7 +23,7 @@ from tests.e2e.test_fleet import all_terminal
 from tierfleet.cli import app as cli
 from tierfleet.models import ApiToken, BudgetSpend, Job
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 runner = CliRunner()
 
 

@@ -35,7 +35,7 @@ from tierfleet.transport import make_celery
 from workers.execute import Next, attempt_job, triage_job
 from workers.runtime import Runtime
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 WAIT_S = 60.0  # only reached when something is wrong
 # what the small model answers each job, once released: invalid (the job would escalate)

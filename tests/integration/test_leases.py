@@ -25,6 +25,7 @@ from tierfleet.envelope import JobSpec
 from tierfleet.models import Attempt, Batch, Job
 from workers import holding
 from workers.backends.base import Completion
+from workers.broker import held
 from workers.execute import attempt_job, triage_job
 from workers.reconcile import reconcile
 from workers.runtime import Runtime
@@ -177,6 +178,9 @@ def test_a_message_whose_worker_is_gone_holds_its_job_no_longer(
         live, gone = (C.REDIS_CONSUMER_PREFIX + name for name in ("host:1:a", "host:2:b"))
         r.sadd(C.REDIS_CONSUMERS, live, gone)  # the gone worker's key has expired
         r.set(live, json.dumps(["tag-alive"]), ex=holding.ALIVE_TTL_S)
+    with redis.Redis.from_url(redis_url) as r:  # depth counts what live workers hold
+        broker = held(r, [queue])
+    assert (broker.unacked[queue], broker.orphaned[queue]) == (2, 1)
     assert _run(rt)["queued"] == 1
     assert _queued(redis_url, queue) == [(C.TASK_TRIAGE, [orphaned])]
     with redis.Redis.from_url(redis_url) as r:

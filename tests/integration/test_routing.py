@@ -111,6 +111,7 @@ def test_retrain_rebuilds_the_memory_the_workers_built(
         assert after[f].escalated == before[f].escalated
 
 
+@pytest.mark.chaos
 def test_an_explicit_route_names_the_starting_tier_and_an_invalid_answer_still_escalates(
     rt: Runtime,
 ) -> None:

@@ -18,12 +18,12 @@ from tierfleet.envelope import parse_envelope
 from tierfleet.models import Attempt, Job
 from tierfleet.prices import Usage
 from tierfleet.store import insert_job
-from workers import storable
+from workers import execute, storable
 from workers.backends.base import Completion
 from workers.execute import Next, attempt_job, triage_job
 from workers.runtime import Runtime
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 SECRET_WORDS = "the answer's own words"
 NUL_TEXT = Completion(f"{SECRET_WORDS}\x00", Usage(50, 8), "stop")
@@ -93,6 +93,30 @@ def test_on_the_top_rung_a_refused_answer_fails_the_job_with_the_reason(rt: Runt
     assert [a.outcome for a in attempts] == [Outcome.INVALID] * rt.settings.frontier_max_attempts
     assert all(a.cost_usd > 0 for a in attempts)
     assert job.cost_usd == sum((a.cost_usd for a in attempts), Decimal(0))
+
+
+def test_a_validator_that_raises_is_an_invalid_answer_booked_with_its_cost(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever the validator raises (a bug, a library's edge), the paid answer is booked
+    as invalid with the reason and the job escalates; the log names the error's class."""
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise KeyError(SECRET_WORDS)
+
+    monkeypatch.setattr(execute, "validate", broken)
+    job_id = plain_job(rt, "slm")
+    script(rt, "slm", Completion("fine", Usage(50, 8), "stop"))
+    with caplog.at_level(logging.DEBUG):
+        assert attempt_job(rt, job_id, "slm") == Next("frontier")
+
+    job, [attempt] = ledger_view(rt, job_id)
+    assert (job.status, attempt.outcome) == (JobStatus.TRIAGED, Outcome.INVALID)
+    assert attempt.error is not None and "could not be validated: KeyError" in attempt.error
+    assert attempt.cost_usd == job.cost_usd > 0
+    raised = [r for r in caplog.records if getattr(r, "action", "") == "attempt.validation_error"]
+    assert [r.__dict__["error_class"] for r in raised] == ["KeyError"]
+    assert SECRET_WORDS not in caplog.text
 
 
 @pytest.mark.parametrize(
