@@ -137,11 +137,17 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}/v1/files/file-out-{BATCH[6:]}"
         idle = peak_rss_mb(proc.pid)
         print(f"{args.jobs:,} jobs, {args.callers} callers at once; server idle: {idle:.0f} MB")
+        growth = 0.0
         for what, target in (("metadata", base), ("metadata again", base),
                              ("content", base + "/content")):  # fmt: skip
             peak, wall, first, size = measure(proc.pid, target, token, args.callers)
             print(f"{what:>15}: peak RSS {peak:.0f} MB, {wall:.2f} s for all, first byte "
                   f"after {first:.2f} s at most ({size:,} bytes each)")  # fmt: skip
+            served_mb = size * args.callers / 1e6 if what == "content" else 0.0
+            growth = (peak - idle) / served_mb if served_mb else growth
+        # What the server grew by, per MB it served at once: ~3 when each caller's file is
+        # built whole in memory (as JSON rows, then bytes); well under 1 when streamed.
+        print(f"content_rss_growth_per_mb_served: {growth:.2f}")
     finally:
         if proc is not None:
             proc.terminate()
