@@ -14,9 +14,12 @@ that already read those show the message.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import threading
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, cast
 
 import orjson
@@ -32,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producers import teams
-from producers.api import batches
+from producers.api import batch_submit, batches
 from producers.api.common import (
     Api,
     ApiError,
@@ -69,10 +72,20 @@ def create_app(
     if client is None:
         client = Client(settings, Ledger(engine_from_settings(settings)), make_celery(settings))
     api = Api(settings, client, redis_client or redis.Redis.from_url(url, socket_timeout=5))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # batches a crashed server left half-submitted: finished now, not when first read
+        threading.Thread(
+            target=batch_submit.resume_all, args=(api,), name="resume-batches", daemon=True
+        ).start()
+        yield
+
     app = FastAPI(
         title="tierfleet",
         version=_version(),
         summary="Run LLM jobs on the cheapest model tier that passes validation.",
+        lifespan=lifespan,
     )
     app.state.api = api
     files_cap = settings.api_max_file_bytes + 64 * 1024  # and the multipart framing

@@ -3,9 +3,10 @@
 `POST /v1/batches` writes the batch's row as `submitting` and submits its input file
 (`producers.bulk.submit`, from the file's bytes in the ledger: no copy on disk) while it
 holds the batch's advisory lock in Postgres; then the row is `submitted`. If the server
-dies in between, Postgres drops the lock with its connection, and the next request that
-reads the batch (its GET, the list, a cancel, or the create sent again with the same
-Idempotency-Key) takes the lock and submits it again: `bulk.submit` is idempotent per
+dies in between, Postgres drops the lock with its connection, and the next server to
+start (`resume_all`), or the next request that reads the batch (its GET, the list, a
+cancel, or the create sent again with the same Idempotency-Key), takes the lock and
+submits it again: `bulk.submit` is idempotent per
 batch and line, so it writes and sends what is missing and nothing twice. A reader that
 finds the lock held leaves the batch to its creator, and shows it `validating`.
 
@@ -124,6 +125,28 @@ def settle(api: Api, row: ApiBatch, *, wait: bool = False) -> ApiBatch:
         _mark(api.ledger, row.id, ApiBatchState.FAILED if outcome else ApiBatchState.SUBMITTED,
               error=outcome)  # fmt: skip
     return _get(api.ledger, row.id)
+
+
+def resume_all(api: Api) -> int:
+    """Finish every submission whose creator is gone (what `tierfleet serve` does as it
+    starts, so that a batch cut short by a crash is finished even if nobody reads it);
+    one another live process is at is left to it. Returns how many were finished."""
+    with api.ledger.session() as s:
+        rows = list(
+            s.execute(
+                select(ApiBatch).where(ApiBatch.state == ApiBatchState.SUBMITTING.value)
+            ).scalars()
+        )
+    finished = 0
+    for row in rows:
+        try:
+            done = settle(api, row)
+        except Exception:  # a startup chore: a fault is logged, the next read tries again
+            extra = {"action": "api.batch.resume_error", "batch_id": row.id}
+            log.exception("cannot resume a batch submission", extra=extra)
+            continue
+        finished += done.state != ApiBatchState.SUBMITTING
+    return finished
 
 
 def _run(api: Api, row: ApiBatch) -> str | None:

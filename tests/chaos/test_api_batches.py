@@ -143,17 +143,47 @@ def test_a_server_killed_mid_create_finishes_the_batch_when_started_again(
     assert row.state == "submitting" and (written < REQUESTS or sent == 0)  # mid-submit
     assert list((tmp_path / "tmp").iterdir()) == []  # no copy of the input left behind
 
-    server.start()
-    listed = client.batches.list()  # the next read finishes what the crash left
+    server.start()  # starting, it finishes what the crash left: no request needed
+    wait_until(lambda: _state(ledger, row.id) == "submitted", timeout_s=120,
+               what="the restarted server to finish the submission")  # fmt: skip
+    assert (_jobs(ledger), _enqueued(ledger)) == (REQUESTS, REQUESTS)
+    listed = client.batches.list()
     assert [b.id for b in listed.data] == [row.id]
     assert listed.data[0].status == "in_progress"
-    assert (_jobs(ledger), _enqueued(ledger)) == (REQUESTS, REQUESTS)
     assert _create(client, uploaded.id, "nightly-1").id == row.id  # the retry: the same batch
 
     start_workers("all", concurrency=8)
     wait_until(lambda: client.batches.retrieve(row.id).status == "completed", timeout_s=300,
                what="the batch to complete")  # fmt: skip
     _answered_once(ledger, client, row.id, REQUESTS)
+
+
+def _state(ledger: Ledger, batch_id: str) -> str:
+    with ledger.session() as s:
+        return s.get_one(ApiBatch, batch_id).state
+
+
+def test_a_batch_whose_creator_died_is_finished_by_the_next_read_of_it(
+    api: Api,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A server that lives on while another (its creator) died: reading the batch, as
+    every client polling it does, finishes the submission the crash cut short."""
+    client = sdk(api, api.token("growth"))
+    uploaded = client.files.create(file=batch_file(tmp_path / "r.jsonl", 20), purpose="batch")
+    with api.ledger.begin() as conn:  # what a creator killed before its first job leaves
+        conn.execute(
+            ApiBatch.__table__.insert().values(
+                id="batch_cutshort", team="growth", input_file_id=uploaded.id,
+                endpoint="/v1/chat/completions", completion_window="24h",
+                batch_id="b-batch_cutshort", requests=20, state="submitting",
+            )
+        )  # fmt: skip
+    assert _jobs(api.ledger) == 0
+    read = client.batches.retrieve("batch_cutshort")
+    assert read.status == "in_progress" and read.request_counts.total == 20  # type: ignore[union-attr]
+    assert _state(api.ledger, "batch_cutshort") == "submitted"
+    assert (_jobs(api.ledger), _enqueued(api.ledger)) == (20, 20)
 
 
 def _enqueued(ledger: Ledger) -> int:
