@@ -16,12 +16,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy.exc import DBAPIError
 
 from tierfleet import constants as C
-from tierfleet.db import Ledger, engine_from_settings
+from tierfleet.db import Ledger, engine_from_settings, not_migrated, not_migrated_error
 from tierfleet.envelope import JobSpec, parse_envelope
+from tierfleet.errors import ServiceUnavailable
 from tierfleet.metrics import Metrics
-from tierfleet.settings import Settings
+from tierfleet.settings import Settings, redact_url
 from tierfleet.store import JobView, get_job, insert_job, job_status
 from tierfleet.transport import make_celery
 
@@ -61,13 +64,29 @@ class Client:
         self, spec: JobSpec, *, batch_id: str | None = None, team: str | None = None
     ) -> str:
         payload = spec.payload_json()  # over MAX_ENVELOPE_BYTES: InvalidEnvelope, nothing sent
-        with self.ledger.session() as s:
-            job_id, created = insert_job(
-                s, spec, batch_id=batch_id, payload_json=payload, team=team
-            )
-            still_queued = created or job_status(s, job_id) == C.JobStatus.QUEUED
+        try:
+            with self.ledger.session() as s:
+                job_id, created = insert_job(
+                    s, spec, batch_id=batch_id, payload_json=payload, team=team
+                )
+                still_queued = created or job_status(s, job_id) == C.JobStatus.QUEUED
+        except DBAPIError as exc:
+            if not_migrated(exc):
+                raise not_migrated_error(self.settings.database_url_value()) from exc
+            raise
         if still_queued:
-            self.celery.send_task(C.TASK_TRIAGE, args=[job_id], queue=self.settings.queue_triage)
+            try:
+                self.celery.send_task(
+                    C.TASK_TRIAGE, args=[job_id], queue=self.settings.queue_triage
+                )
+            except BrokerError as exc:
+                url = self.settings.redis_url_value()
+                raise ServiceUnavailable(
+                    f"cannot reach the broker{f' at {redact_url(url)}' if url else ''}: {exc}; "
+                    f"job {job_id} is saved, queued: the reconciler sends it once the broker "
+                    "is back, or submit it again (the same id or idempotency key is the same "
+                    "job)"
+                ) from exc
         if created:
             self.metrics.job_submitted(feature=spec.feature, route=spec.route)
         return job_id

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from tierfleet.db import Ledger, engine_from_settings
+from tierfleet.db import Ledger, engine_from_settings, not_migrated, not_migrated_error
 from tierfleet.errors import JobNotFound, ServiceUnavailable, TierfleetError
 from tierfleet.settings import Settings, env_names, redact_url
 
@@ -49,7 +49,9 @@ def fail(message: str, code: Exit) -> typer.Exit:
 @contextlib.contextmanager
 def service_errors(settings: Settings) -> Iterator[None]:
     """Postgres or Redis not answering ends the command with exit 3 and one line that
-    names the service (its URL without the password), not a driver's traceback."""
+    names the service (its URL without the password), not a driver's traceback; a ledger
+    never migrated (or not to this version) with exit 2 and one line naming
+    `tierfleet db upgrade`."""
     from kombu.exceptions import OperationalError as BrokerError
     from redis.exceptions import ConnectionError as RedisDown
     from redis.exceptions import TimeoutError as RedisSlow
@@ -65,6 +67,10 @@ def service_errors(settings: Settings) -> Iterator[None]:
         raise fail(f"cannot reach the broker{where}: {exc}", Exit.UNAVAILABLE) from None
     except ServiceUnavailable as exc:
         raise fail(str(exc), Exit.UNAVAILABLE) from None
+    except Exception as exc:
+        if not not_migrated(exc):
+            raise
+        raise fail(str(not_migrated_error(settings.database_url_value())), Exit.USAGE) from None
 
 
 def _at(url: str | None) -> str:

@@ -11,7 +11,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from tierfleet.errors import ConfigurationError, ServiceUnavailable
+from tierfleet.errors import ConfigurationError, LedgerNotMigrated, ServiceUnavailable
 from tierfleet.resources import migrations_dir
 from tierfleet.settings import Settings, redact_url
 
@@ -26,6 +26,26 @@ def ledger_unavailable(exc: BaseException) -> bool:
     other database error is a bug or bad data, and trying again will not help."""
     return isinstance(exc, DBAPIError) and (
         exc.connection_invalidated or isinstance(exc, OperationalError)
+    )
+
+
+# SQLSTATEs of a statement that meets a schema older than the code: no such table, column
+_NOT_MIGRATED = frozenset({"42P01", "42703"})
+
+
+def not_migrated(exc: BaseException) -> bool:
+    """Did `exc` come from a ledger that was never migrated, or not to this version?"""
+    return any(
+        getattr(e, "sqlstate", None) in _NOT_MIGRATED for e in (exc, getattr(exc, "orig", None))
+    )
+
+
+def not_migrated_error(url: str | None) -> LedgerNotMigrated:
+    """The one-line error for a ledger `not_migrated` found (the URL without its password)."""
+    where = f" at {redact_url(url)}" if url else ""
+    return LedgerNotMigrated(
+        f"the ledger{where} has no tierfleet tables, or older ones: run `tierfleet db "
+        "upgrade` with the same DATABASE_URL"
     )
 
 

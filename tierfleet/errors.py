@@ -11,6 +11,7 @@
         ├── InvalidEnvelope       a job envelope breaks the contract (names the field)
         ├── InvalidOutput         a model answer failed validation (names the rule)
         ├── ConfigurationError    settings or data files are wrong (names the setting)
+        │   └── LedgerNotMigrated the database lacks the tables this version needs
         ├── JobNotFound           no job with that id
         ├── ProviderRejected      4xx other than 429: bad request, auth, not found
         └── BudgetExhausted       a spend cap stops the attempt
@@ -92,6 +93,11 @@ class InvalidOutput(PermanentError):
 
 class ConfigurationError(PermanentError):
     pass
+
+
+class LedgerNotMigrated(ConfigurationError):
+    """The ledger's database has no tierfleet tables, or older ones: `tierfleet db
+    upgrade` brings it to this version."""
 
 
 class JobNotFound(PermanentError):

@@ -49,7 +49,7 @@ from producers.api.tokens import TokenInfo
 from producers.client import Client
 from tierfleet.db import Ledger, engine_from_settings
 from tierfleet.envelope import MAX_ENVELOPE_BYTES, parse_envelope
-from tierfleet.errors import InvalidEnvelope, JobNotFound
+from tierfleet.errors import InvalidEnvelope, JobNotFound, LedgerNotMigrated, ServiceUnavailable
 from tierfleet.models import Job
 from tierfleet.resources import schemas_dir
 from tierfleet.settings import Settings
@@ -207,9 +207,9 @@ def _submit(
         job_id = api.client.submit_spec(spec, team=who.team)
         with api.ledger.session() as s:
             owner = s.execute(select(Job.team).where(Job.id == job_id)).scalar_one()
-    except LedgerError:
+    except (LedgerError, LedgerNotMigrated):
         raise unavailable("the ledger (Postgres)") from None
-    except (BrokerError, redis.RedisError):
+    except (BrokerError, redis.RedisError, ServiceUnavailable):
         raise ApiError(
             503, "the broker (Redis) did not answer; the job may be saved: send the request "
             "again with the same Idempotency-Key", code="unavailable",
