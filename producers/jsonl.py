@@ -65,6 +65,8 @@ def open_input(source: str) -> Iterator[Input]:
     """`source` is a path (`.jsonl`, `.jsonl.gz`) or `-` for standard input."""
     if source != "-":
         path = Path(source)
+        if path.is_dir():
+            raise InvalidEnvelope(f"{source}: a directory, not a JSON lines file")
         if not path.is_file():
             raise InvalidEnvelope(f"{source}: no such file")
         yield Input(path, source, _is_gzip(path))

@@ -54,6 +54,7 @@ def service_errors(settings: Settings) -> Iterator[None]:
     `tierfleet db upgrade`."""
     from kombu.exceptions import OperationalError as BrokerError
     from redis.exceptions import ConnectionError as RedisDown
+    from redis.exceptions import ResponseError as RedisRefused
     from redis.exceptions import TimeoutError as RedisSlow
     from sqlalchemy.exc import OperationalError as LedgerError
 
@@ -65,6 +66,15 @@ def service_errors(settings: Settings) -> Iterator[None]:
     except (BrokerError, RedisDown, RedisSlow) as exc:
         where = _at(settings.redis_url_value())
         raise fail(f"cannot reach the broker{where}: {exc}", Exit.UNAVAILABLE) from None
+    except RedisRefused as exc:
+        if "DB index" not in str(exc):
+            raise
+        where = _at(settings.redis_url_value())
+        raise fail(
+            f"the broker{where} has no such database number ({exc}): a Redis server has "
+            "databases 0 to 15 unless its `databases` setting says more",
+            Exit.USAGE,
+        ) from None
     except ServiceUnavailable as exc:
         raise fail(str(exc), Exit.UNAVAILABLE) from None
     except Exception as exc:

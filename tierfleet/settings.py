@@ -162,6 +162,28 @@ class Settings(BaseSettings):
                 )
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, value: SecretStr | None) -> SecretStr | None:
+        scheme = _scheme(value)
+        if scheme is not None and scheme.split("+")[0] not in ("postgres", "postgresql", "sqlite"):
+            raise ValueError(
+                f"names a {scheme.split('+')[0]} database; the ledger is PostgreSQL (SQLite for "
+                "the demo only), e.g. postgresql://postgres@127.0.0.1:5432/tierfleet"
+            )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_only(cls, value: SecretStr | None) -> SecretStr | None:
+        scheme = _scheme(value)
+        if scheme is not None and scheme not in ("redis", "rediss", "unix", "memory"):
+            raise ValueError(
+                f"is a {scheme}:// URL; the broker is Redis: redis://, rediss:// or unix://, "
+                "e.g. redis://127.0.0.1:6379/0"
+            )
+        return value
+
     @model_validator(mode="after")
     def _scale_limits_in_order(self) -> Settings:
         for pool in ("triage", "slm", "frontier"):
@@ -241,6 +263,17 @@ def env_names() -> dict[str, str]:
         first = alias.choices[0] if isinstance(alias, AliasChoices) else None
         out[name] = first if isinstance(first, str) else f"TIERFLEET_{name.upper()}"
     return out
+
+
+def _scheme(url: SecretStr | None) -> str | None:
+    """The scheme of a URL setting, lowercased (never the rest: it may hold a password);
+    None when unset or not `scheme://...` (the engine or broker then says what is wrong)."""
+    if url is None:
+        return None
+    scheme, sep, _ = url.get_secret_value().partition("://")
+    return (
+        scheme.lower() if sep and scheme.isascii() and scheme.replace("+", "").isalnum() else None
+    )
 
 
 def _sqlalchemy_url(url: str) -> str:
