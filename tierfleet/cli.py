@@ -15,7 +15,15 @@ import typer
 from rich.console import Console
 
 from tierfleet import cli_api, cli_batch, cli_batches, cli_budgets, cli_ops, cli_triage
-from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger, service_errors
+from tierfleet.cli_common import (
+    Exit,
+    LogLevel,
+    err,
+    fail,
+    load_settings,
+    open_ledger,
+    service_errors,
+)
 from tierfleet.errors import ConfigurationError, TierfleetError
 
 app = typer.Typer(
@@ -79,7 +87,7 @@ def worker(
             "TIERFLEET_SLM_CONCURRENCY / TIERFLEET_FRONTIER_CONCURRENCY for tiers).",
         ),
     ] = None,
-    loglevel: Annotated[str, typer.Option(envvar="TIERFLEET_LOG_LEVEL")] = "INFO",
+    loglevel: LogLevel = "INFO",
     beat: Annotated[
         bool,
         typer.Option(

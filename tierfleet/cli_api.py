@@ -6,10 +6,17 @@ import json
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Column, Table
 
-from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger
+from tierfleet.cli_common import (
+    Exit,
+    LogLevel,
+    err,
+    fail,
+    load_settings,
+    open_ledger,
+    table_console,
+)
 
 tokens_app = typer.Typer(
     help="Bearer tokens of the HTTP API (tierfleet serve), each mapped to a team and a "
@@ -80,7 +87,7 @@ def tokens_list(as_json: JsonFlag = False) -> None:
             r.id, r.team, r.feature or "", r.prefix + "…", r.rate_limit or "default",
             f"{r.created_at:%Y-%m-%d}", f"{r.revoked_at:%Y-%m-%d}" if r.revoked_at else "",
         )  # fmt: skip
-    Console().print(table)
+    table_console().print(table)
 
 
 @tokens_app.command("revoke")
@@ -108,7 +115,7 @@ def serve(
     workers: Annotated[
         int, typer.Option(min=1, envvar="TIERFLEET_API_WORKERS", help="Server processes.")
     ] = 1,
-    loglevel: Annotated[str, typer.Option(envvar="TIERFLEET_LOG_LEVEL")] = "INFO",
+    loglevel: LogLevel = "INFO",
 ) -> None:
     """Run the HTTP API (needs REDIS_URL and DATABASE_URL): POST /v1/jobs, GET
     /v1/jobs/{id}, /healthz, /readyz, the OpenAPI document at /openapi.json."""

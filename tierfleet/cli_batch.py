@@ -29,7 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger
+from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger, table_console
 from tierfleet.db import Ledger
 from tierfleet.errors import InvalidEnvelope, TierfleetError
 
@@ -285,7 +285,7 @@ def status(
     if as_json:
         _dump(current.to_dict())
     elif not watch:
-        Console().print(_status_table(current))
+        table_console().print(_status_table(current))
 
 
 def results(

@@ -8,10 +8,9 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from tierfleet.cli_common import Exit, fail, load_settings, service_errors
+from tierfleet.cli_common import Exit, fail, load_settings, service_errors, table_console
 from tierfleet.errors import ConfigurationError, PermanentError, RetryableError, ServiceUnavailable
 
 batches_app = typer.Typer(
@@ -63,7 +62,7 @@ def show(
     if as_json:
         print(json.dumps(shown))
         return
-    out = Console(soft_wrap=True)
+    out = table_console()
     table = Table("batch", "provider id", "status", "requests", "succeeded", "errored",
                   "expired", "canceled", "ingested", "created")  # fmt: skip
     for b in shown["batches"]:

@@ -9,10 +9,9 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger
+from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger, table_console
 
 budgets_app = typer.Typer(
     help="Daily spend caps (UTC days): `frontier` for every frontier attempt, `feature:NAME` "
@@ -67,7 +66,7 @@ def show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     table = Table("scope", "daily cap USD", f"spent {today()} USD", "reached")
     for scope, cap, used in rows:
         table.add_row(scope, f"{cap:.2f}", f"{used:.4f}", "yes" if used >= cap else "")
-    Console().print(table)
+    table_console().print(table)
     err.print(f"{waiting:,} jobs waiting on a budget")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import enum
 from collections.abc import Iterator
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
@@ -26,6 +27,20 @@ class Exit(enum.IntEnum):
 
 
 err = Console(stderr=True, soft_wrap=True)
+LogLevel = Annotated[
+    str,
+    typer.Option(
+        envvar="TIERFLEET_LOG_LEVEL",
+        help="DEBUG (every job and task), INFO, WARNING or ERROR; README: Operations.",
+    ),
+]
+
+
+def table_console() -> Console:
+    """Where a command prints its tables: a terminal's width on a terminal; piped or
+    redirected, as wide as the table (no column cut to "featu…")."""
+    console = Console()
+    return console if console.is_terminal else Console(width=1_000)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -9,12 +9,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from tierfleet import constants as C
-from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger, service_errors
+from tierfleet.cli_common import (
+    Exit,
+    LogLevel,
+    err,
+    fail,
+    load_settings,
+    open_ledger,
+    service_errors,
+    table_console,
+)
 from tierfleet.errors import ConfigurationError, ServiceUnavailable
 
 if TYPE_CHECKING:
@@ -31,7 +39,9 @@ def beat_schedule_path() -> str:
     return os.path.join(tempfile.gettempdir(), f"tierfleet-beat-{os.getpid()}")
 
 
-def beat(loglevel: Annotated[str, typer.Option(envvar="TIERFLEET_LOG_LEVEL")] = "INFO") -> None:
+def beat(
+    loglevel: LogLevel = "INFO",
+) -> None:
     """Run beat, the clock that sends the reconciler's runs (every
     TIERFLEET_RECONCILE_INTERVAL_S). Run exactly one per fleet (or `worker --beat` once)."""
     from tierfleet.logs import setup_logging
@@ -117,7 +127,7 @@ def dead_letters(
             str(r["id"]), str(r["created_at"])[:19], str(r["reason"]), str(r["task"] or ""),
             str(r["job_id"] or ""), str(r["tries"]), str(r["error"])[:120],
         )  # fmt: skip
-    Console().print(table)
+    table_console().print(table)
 
 
 def _broker_client(settings: Settings) -> redis.Redis:
@@ -153,7 +163,7 @@ def depth(
             print(json.dumps(reading().to_dict()))
             return
         if not watch:
-            Console().print(_depth_table(reading()))
+            table_console().print(_depth_table(reading()))
             return
         with Live(_depth_table(reading()), refresh_per_second=1) as live:
             try:
@@ -198,7 +208,7 @@ def scale(as_json: JsonFlag = False) -> None:
             r.pool, r.queue, f"{r.depth:,}", f"{r.per_worker_jobs_per_s:,.1f} jobs/s",
             str(r.replicas), f"{r.min_replicas}-{r.max_replicas}", r.basis,
         )  # fmt: skip
-    Console().print(table)
+    table_console().print(table)
     err.print(f"drain target {settings.scale_drain_s:,.0f} s")
 
 
@@ -257,7 +267,7 @@ def report(
             *([f"{g.savings_usd:,.4f} ({g.savings_pct:.0f}%)"] if saved else []),
             end_section=name == list(rep.groups)[-1] if rep.groups else False,
         )  # fmt: skip
-    Console().print(table)
+    table_console().print(table)
     t = rep.total
     err.print(
         f"{rep.since:%Y-%m-%d %H:%M} to {rep.until:%Y-%m-%d %H:%M} UTC: spent ${t.spend_usd:,.4f}, "

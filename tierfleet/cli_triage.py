@@ -13,7 +13,6 @@ from tierfleet.errors import InvalidEnvelope
 
 triage_app = typer.Typer(help="The triage router: evaluate it, rebuild it.", no_args_is_help=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
-Share = Annotated[float | None, typer.Option(min=0.0, max=1.0)]
 
 
 @triage_app.command("eval")
@@ -33,8 +32,24 @@ def evaluate(
             "as production would.",
         ),
     ] = False,
-    max_escalation_rate: Share = None,
-    frontier_share: Share = None,
+    max_escalation_rate: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Target: at most this share of the jobs sent to the small tier escalate "
+            "(default TIERFLEET_TRIAGE_MAX_ESCALATION_RATE).",
+        ),
+    ] = None,
+    frontier_share: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Target instead: this share of the jobs starts on the frontier "
+            "(default TIERFLEET_TRIAGE_FRONTIER_SHARE).",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Score labelled rows with the router and print the quality-versus-frontier-share

@@ -3,6 +3,7 @@ problem and where it is, exit 2, no traceback, no password."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,32 @@ def test_a_directory_given_to_submit_is_named(settings: Settings, tmp_path: Path
     assert f"{tmp_path}: a directory, not a JSON lines file" in one_line_error(
         ["submit", str(tmp_path)]
     )
+
+
+def test_every_option_of_every_command_says_what_it_does() -> None:
+    import click
+    import typer.main
+
+    def commands(cmd: click.Command, path: str) -> Iterator[tuple[str, click.Command]]:
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from commands(sub, f"{path} {name}")
+        else:
+            yield path, cmd
+
+    silent = [
+        f"{path} {'/'.join(p.opts)}"
+        for path, cmd in commands(typer.main.get_command(app), "tierfleet")
+        for p in cmd.params
+        if isinstance(p, click.Option) and p.name != "help" and not p.help
+    ]
+    assert silent == []
+
+
+def test_a_piped_table_keeps_its_columns_whole(settings: Settings) -> None:
+    feature = "feature:" + "a-long-feature-name-" * 5
+    set_cap = runner.invoke(app, ["budgets", "set", feature, "12.50"])
+    assert set_cap.exit_code == 0, set_cap.output
+    shown = runner.invoke(app, ["budgets"])  # not a terminal: as wide as the table
+    assert shown.exit_code == 0, shown.output
+    assert feature in shown.output and "…" not in shown.output
