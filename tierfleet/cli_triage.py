@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -13,6 +13,11 @@ from tierfleet.errors import InvalidEnvelope
 
 triage_app = typer.Typer(help="The triage router: evaluate it, rebuild it.", no_args_is_help=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
+
+
+def _share(help: str) -> Any:
+    """A share of jobs, 0 to 1, given on the command line."""
+    return typer.Option(min=0.0, max=1.0, help=help)
 
 
 @triage_app.command("eval")
@@ -34,20 +39,16 @@ def evaluate(
     ] = False,
     max_escalation_rate: Annotated[
         float | None,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            help="Target: at most this share of the jobs sent to the small tier escalate "
-            "(default TIERFLEET_TRIAGE_MAX_ESCALATION_RATE).",
+        _share(
+            "Target: at most this share of the jobs sent to the small tier escalate "
+            "(default TIERFLEET_TRIAGE_MAX_ESCALATION_RATE)."
         ),
     ] = None,
     frontier_share: Annotated[
         float | None,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            help="Target instead: this share of the jobs starts on the frontier "
-            "(default TIERFLEET_TRIAGE_FRONTIER_SHARE).",
+        _share(
+            "Target instead: this share of the jobs starts on the frontier "
+            "(default TIERFLEET_TRIAGE_FRONTIER_SHARE)."
         ),
     ] = None,
     as_json: JsonFlag = False,

@@ -198,9 +198,10 @@ def _named_uri(ref: str) -> str | None:
 def check_refs(schema: Any, draft: Any) -> None:
     """Refuse, with `UnsafeSchema` naming it, any reference that does not resolve inside
     `schema` or to a shipped schema. `schema` has passed the meta-schema check."""
-    declared = {node["$id"] for _, node in _walk(schema) if isinstance(node.get("$id"), str)}
+    nodes = list(_walk(schema))
+    declared = {node["$id"] for _, node in nodes if isinstance(node.get("$id"), str)}
     resolver = None
-    for path, node in _walk(schema):
+    for path, node in nodes:
         for keyword in REF_KEYWORDS:
             ref = node.get(keyword)
             if not isinstance(ref, str) or ref.startswith("#") or _named_uri(ref):

@@ -595,18 +595,18 @@ def _settle(
     spec = claimed.spec
     # The answer is paid for: wait out a ledger outage rather than call again.
     booked: list[Decision | None] = []
+
+    def book(call: CallResult, row: dict[str, Any]) -> Decision | None:
+        return _with_ledger_retry(rt, spec.id, lambda: _book(rt, claimed, tier, call, row, booked))
+
     try:
-        decision = _with_ledger_retry(
-            rt, spec.id, lambda: _book(rt, claimed, tier, call, row, booked)
-        )
+        decision = book(call, row)
     except (DataError, IntegrityError, UnicodeEncodeError) as exc:
         if ledger_unavailable(exc):
             raise
         call, row = _refused(spec, tier, call, row, exc)
         booked.clear()  # refused: nothing was written
-        decision = _with_ledger_retry(
-            rt, spec.id, lambda: _book(rt, claimed, tier, call, row, booked)
-        )
+        decision = book(call, row)
     rt.metrics.attempt(
         tier=tier,
         model=row["model"],

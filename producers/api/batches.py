@@ -235,21 +235,19 @@ def _own_batch(api: Api, who: TokenInfo, batch_id: str) -> ApiBatch:
 
 def _results_of(api: Api, who: TokenInfo, file_id: str) -> ApiBatch:
     """The batch whose output or error file `file_id` is (404 as a file, like any)."""
-    batch_id = "batch_" + file_id[len(OUT) :]
-    with api.ledger.session() as s:
-        row = s.get(ApiBatch, batch_id)
-    if row is None or row.team != who.team:
-        raise _not_found("file", file_id)
+    row = _owned(api, who, ApiBatch, "file", "batch_" + file_id[len(OUT) :], shown=file_id)
     return batch_submit.settle(api, row)
 
 
-def _owned(api: Api, who: TokenInfo, model: type[_Row], what: str, id_: str) -> _Row:
-    """The row, when the caller's team owns it; else 404, the same for another team's
-    row as for none (nothing says that the id exists)."""
+def _owned(
+    api: Api, who: TokenInfo, model: type[_Row], what: str, id_: str, shown: str | None = None
+) -> _Row:
+    """The row, when the caller's team owns it; else 404 naming `shown` (or the id), the
+    same for another team's row as for none (nothing says that the id exists)."""
     with api.ledger.session() as s:
         row = s.get(model, id_)
     if row is None or row.team != who.team:
-        raise _not_found(what, id_)
+        raise _not_found(what, shown or id_)
     return row
 
 
