@@ -65,6 +65,7 @@ class BatchOptions:
     max_line_bytes: int = MAX_ENVELOPE_BYTES
     skip_invalid: bool = False
     team: str | None = None  # whose API token submitted the batch
+    tiers: tuple[str, ...] = C.TIER_LADDER  # the ladder a `route` must name a tier of
 
     def defaults(self) -> dict[str, Any]:
         out: dict[str, Any] = {"latency": self.latency}
@@ -152,12 +153,13 @@ def parse_line(
     batch_id: str,
     limit: int = MAX_ENVELOPE_BYTES,
     team: str | None = None,
+    tiers: tuple[str, ...] = C.TIER_LADDER,
 ) -> JobSpec:
     """One line to a job, or `InvalidEnvelope` naming the field. For a `team`'s batch,
     the job's feature, and the id and idempotency key the line gives, are put in the
     team's own space (`producers.teams`)."""
     job_id, key = f"{batch_id}.{raw.no}", f"{batch_id}:{raw.no}"
-    spec = _parse_line(raw, defaults, job_id, key, limit)
+    spec = _parse_line(raw, defaults, job_id, key, limit, tiers)
     if team is None:
         return spec
     return teams.scope_spec(
@@ -166,14 +168,19 @@ def parse_line(
 
 
 def _parse_line(
-    raw: RawLine, defaults: Mapping[str, Any], job_id: str, key: str, limit: int
+    raw: RawLine,
+    defaults: Mapping[str, Any],
+    job_id: str,
+    key: str,
+    limit: int,
+    tiers: tuple[str, ...],
 ) -> JobSpec:
     """The typed decoder takes the common case; anything it declines goes through the
     reference parser."""
     if raw.oversized:
         raise InvalidEnvelope(f"{raw.size:,} bytes is over the {limit:,}-byte limit")
     try:
-        return envelope_fast.decode(raw.data, defaults, job_id, key, C.TIER_LADDER)
+        return envelope_fast.decode(raw.data, defaults, job_id, key, tiers)
     except envelope_fast.NotFast:
         pass
     try:
@@ -196,7 +203,7 @@ def _parse_line(
         data = {**defaults, **data}
         data.setdefault("idempotency_key", key)
         data.setdefault("id", job_id)
-    return parse_envelope(data)
+    return parse_envelope(data, tiers=tiers)
 
 
 def _row(spec: JobSpec, batch_id: str, line: int, team: str | None = None) -> bytes:
@@ -339,7 +346,9 @@ def _read_and_write(
             report.blank += 1
             continue
         try:
-            spec = parse_line(raw, defaults, report.batch_id, options.max_line_bytes, options.team)
+            spec = parse_line(
+                raw, defaults, report.batch_id, options.max_line_bytes, options.team, options.tiers
+            )
             check_unique(spec, raw.no, report.batch_id, seen)
         except InvalidEnvelope as exc:
             text = raw.data[:2000].decode("utf-8", errors="replace")

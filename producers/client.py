@@ -57,7 +57,7 @@ class Client:
         Idempotent on `idempotency_key` (and on `id`): a resubmit returns the existing
         job's id and enqueues nothing new, unless that job never left `queued`, in which
         case its triage message is sent again (triage ignores duplicates)."""
-        spec = parse_envelope(envelope)
+        spec = parse_envelope(envelope, tiers=self.settings.fleet.names)
         return self.submit_spec(spec, batch_id=batch_id)
 
     def submit_spec(

@@ -17,6 +17,7 @@ from rich.console import Console
 from tierfleet import cli_api, cli_batch, cli_batches, cli_budgets, cli_ops, cli_triage
 from tierfleet.cli_common import (
     Exit,
+    FleetFile,
     LogLevel,
     err,
     fail,
@@ -49,6 +50,7 @@ def demo(
     concurrency: Annotated[
         int, typer.Option(min=1, envvar="TIERFLEET_DEMO_CONCURRENCY", help="Worker threads.")
     ] = 16,
+    fleet: FleetFile = None,
 ) -> None:
     """Run the example batch through the whole fleet in this process, and report.
 
@@ -57,7 +59,7 @@ def demo(
     from tierfleet.demo import run_demo
     from tierfleet.logs import setup_logging
 
-    settings = load_settings()
+    settings = load_settings(fleet)
     setup_logging("WARNING")
     try:
         console = Console()
@@ -76,15 +78,18 @@ def demo(
 def worker(
     pool: Annotated[
         str,
-        typer.Option(envvar="TIERFLEET_POOL", help="Which queues: triage, slm, frontier or all."),
+        typer.Option(
+            envvar="TIERFLEET_POOL",
+            help="Which queues: triage, a tier of the ladder (slm or frontier by default), or all.",
+        ),
     ] = "all",
     concurrency: Annotated[
         int | None,
         typer.Option(
             min=1,
             envvar="TIERFLEET_WORKER_CONCURRENCY",
-            help="Tasks in flight (default: CPU count for triage, "
-            "TIERFLEET_SLM_CONCURRENCY / TIERFLEET_FRONTIER_CONCURRENCY for tiers).",
+            help="Tasks in flight (default: CPU count for triage, the tier's concurrency "
+            "for a tier: TIERFLEET_SLM_CONCURRENCY / TIERFLEET_FRONTIER_CONCURRENCY by default).",
         ),
     ] = None,
     loglevel: LogLevel = "INFO",
@@ -96,18 +101,21 @@ def worker(
             help="Also run beat, the reconciler's clock, in this process (once per fleet).",
         ),
     ] = False,
+    fleet: FleetFile = None,
 ) -> None:
-    """Run a Celery worker for one pool (needs REDIS_URL and DATABASE_URL; the slm pool
-    VLLM_BASE_URL, the frontier pool ANTHROPIC_API_KEY, unless TIERFLEET_BACKEND=sim)."""
+    """Run a Celery worker for one pool (needs REDIS_URL and DATABASE_URL; a tier's pool
+    its backend's URL or key, e.g. VLLM_BASE_URL for slm and ANTHROPIC_API_KEY for
+    frontier by default, unless TIERFLEET_BACKEND=sim)."""
     from tierfleet.db import check_ledger
     from tierfleet.errors import ServiceUnavailable
     from tierfleet.logs import setup_logging
-    from workers.app import POOLS, create_app, plan_pool
+    from workers.app import create_app, plan_pool, pools
     from workers.runtime import Runtime, WorkerSpec, install
 
-    if pool not in POOLS:
-        raise fail(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}", Exit.USAGE)
-    settings = load_settings()
+    settings = load_settings(fleet)
+    if pool not in pools(settings):
+        names = ", ".join(pools(settings))
+        raise fail(f"--pool must be one of {names}, not {pool!r}", Exit.USAGE)
     setup_logging(loglevel)
     plan = plan_pool(settings, pool, concurrency)
     try:

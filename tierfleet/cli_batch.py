@@ -127,7 +127,7 @@ def submit(
             f"--spend-cap-usd must be a number of dollars, 0 or more, not {spend_cap_usd!r}",
             Exit.USAGE,
         )
-    _check_batch_options(feature, route, latency, batch_id)
+    _check_batch_options(feature, route, latency, batch_id, settings.fleet.names)
     options = bulk.BatchOptions(
         feature=feature,
         route=route,
@@ -135,6 +135,7 @@ def submit(
         spend_cap_usd=cap,
         batch_id=batch_id,
         skip_invalid=skip_invalid,
+        tiers=settings.fleet.names,
     )
     with contextlib.ExitStack() as stack:
         try:
@@ -188,7 +189,11 @@ def submit(
 
 
 def _check_batch_options(
-    feature: str | None, route: str | None, latency: str, batch_id: str | None
+    feature: str | None,
+    route: str | None,
+    latency: str,
+    batch_id: str | None,
+    tiers: tuple[str, ...],
 ) -> None:
     """Batch options are envelope fields for the lines that lack them: checked the same
     way, once, before the file is opened."""
@@ -198,7 +203,7 @@ def _check_batch_options(
     if route:
         template["route"] = route
     try:
-        parse_envelope(template)
+        parse_envelope(template, tiers=tiers)
     except InvalidEnvelope as exc:
         raise fail(f"--{exc.field}: {exc.reason}", Exit.USAGE) from None
     if batch_id is not None and not _BATCH_ID.fullmatch(batch_id):

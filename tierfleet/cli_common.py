@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import enum
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -36,6 +37,18 @@ LogLevel = Annotated[
 ]
 
 
+FleetFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--fleet",
+        envvar="TIERFLEET_FLEET_FILE",
+        metavar="FILE",
+        help="The ladder: a TOML fleet file listing the tiers, cheapest first "
+        "(examples/fleets/). Default: slm on vLLM, then frontier on Anthropic.",
+    ),
+]
+
+
 def table_console() -> Console:
     """Where a command prints its tables: a terminal's width on a terminal; piped or
     redirected, as wide as the table (no column cut to "featu…")."""
@@ -43,7 +56,11 @@ def table_console() -> Console:
     return console if console.is_terminal else Console(width=1_000)
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(fleet: Path | None = None, **overrides: object) -> Settings:
+    """The settings from the environment (and `overrides`); `fleet` is the --fleet option.
+    Bad settings are printed, one line each, naming the variable; exit 2."""
+    if fleet is not None:
+        overrides["fleet_file"] = fleet
     try:
         return Settings.from_env(**overrides)
     except ValidationError as exc:

@@ -8,14 +8,17 @@ Secrets (`ANTHROPIC_API_KEY`, passwords inside `DATABASE_URL` / `REDIS_URL`) are
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tierfleet import constants as C
+from tierfleet.errors import ConfigurationError
+from tierfleet.fleet import Fleet, Tier, default_fleet, load_fleet
 
 BackendMode = Literal["auto", "sim", "real"]
 MAX_OUTPUT_TOKENS = 32768  # the envelope's max_tokens ceiling
@@ -43,12 +46,20 @@ class Settings(BaseSettings):
     anthropic_api_key: SecretStr | None = Field(None, validation_alias=_alias("ANTHROPIC_API_KEY"))
     anthropic_base_url: str | None = Field(None, validation_alias=_alias("ANTHROPIC_BASE_URL"))
     vllm_api_key: SecretStr | None = Field(None, validation_alias=_alias("VLLM_API_KEY"))
+    openai_api_key: SecretStr | None = Field(None, validation_alias=_alias("OPENAI_API_KEY"))
+    openai_base_url: str | None = Field(None, validation_alias=_alias("OPENAI_BASE_URL"))
     dd_agent_host: str | None = Field(None, validation_alias=_alias("DD_AGENT_HOST"))
     dd_dogstatsd_port: int = Field(8125, validation_alias=_alias("DD_DOGSTATSD_PORT"))
 
     # `sim` forces simulated backends; `auto` uses them unless VLLM_BASE_URL /
-    # ANTHROPIC_API_KEY are set; `real` refuses to start without them.
+    # ANTHROPIC_API_KEY are set (or a fleet file is given); `real` refuses to start
+    # without them.
     backend: BackendMode = Field("auto", validation_alias=_alias("TIERFLEET_BACKEND"))
+
+    # The ladder (`tierfleet/fleet.py`): a TOML file of [[tier]] tables, cheapest first.
+    # Unset: the two tiers below (slm on vLLM, frontier on Anthropic).
+    fleet_file: Path | None = None
+    _fleet: Fleet = PrivateAttr()
 
     queue_triage: str = C.QUEUE_TRIAGE
     queue_slm: str = C.QUEUE_SLM
@@ -151,16 +162,20 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a rate; e.g. '100/second', '6000/minute'") from None
         return value
 
-    @field_validator("pinned_features")
-    @classmethod
-    def _known_tiers(cls, value: dict[str, str]) -> dict[str, str]:
-        for feature, tier in value.items():
-            if tier not in C.TIER_LADDER:
+    @model_validator(mode="after")
+    def _the_ladder(self) -> Settings:
+        try:
+            fleet = load_fleet(self.fleet_file) if self.fleet_file else default_fleet(self)
+        except ConfigurationError as exc:
+            raise ValueError(str(exc)) from None
+        self._fleet = fleet
+        for feature, tier in self.pinned_features.items():
+            if tier not in fleet:
                 raise ValueError(
-                    f"feature {feature!r} is pinned to unknown tier {tier!r}; "
-                    f"tiers are {', '.join(C.TIER_LADDER)}"
+                    f"TIERFLEET_PINNED_FEATURES: feature {feature!r} is pinned to unknown "
+                    f"tier {tier!r}; tiers are {', '.join(fleet.names)}"
                 )
-        return value
+        return self
 
     @field_validator("database_url")
     @classmethod
@@ -207,8 +222,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _visibility_above_longest_wait(self) -> Settings:
         longest = max(
-            self.frontier_timeout_s,
-            self.slm_timeout_s(MAX_OUTPUT_TOKENS),
+            *(tier.timeout_for(MAX_OUTPUT_TOKENS) for tier in self._fleet),
             self.retry_max_delay_s,
         )
         if self.visibility_timeout_s <= longest:
@@ -225,19 +239,53 @@ class Settings(BaseSettings):
     # -- derived -------------------------------------------------------------
 
     @property
+    def fleet(self) -> Fleet:
+        """The ladder, cheapest first: the fleet file's, or the default two tiers."""
+        return self._fleet
+
+    @property
     def use_sim_backends(self) -> bool:
+        """Every tier simulated: TIERFLEET_BACKEND=sim, or `auto` with the default
+        ladder and neither VLLM_BASE_URL nor ANTHROPIC_API_KEY set."""
         if self.backend == "sim":
             return True
-        if self.backend == "real":
+        if self.backend == "real" or self.fleet_file is not None:
             return False
         return self.vllm_base_url is None and self.anthropic_api_key is None
 
+    def simulated(self, tier: Tier) -> bool:
+        return self.use_sim_backends or tier.backend == "sim"
+
     def queue_for(self, tier: str) -> str:
-        queues = {C.TIER_SLM: self.queue_slm, C.TIER_FRONTIER: self.queue_frontier}
-        return queues[tier]
+        return self._fleet.queue_for(tier)
 
     def model_for(self, tier: str) -> str:
-        return {C.TIER_SLM: self.slm_model, C.TIER_FRONTIER: self.frontier_model}[tier]
+        return self._fleet.model_for(tier)
+
+    def tier_api_key(self, tier: Tier) -> str | None:
+        """The key of `tier`'s backend, from the variable it names (never stored on the
+        tier, never logged)."""
+        known = {
+            "ANTHROPIC_API_KEY": self.anthropic_api_key,
+            "VLLM_API_KEY": self.vllm_api_key,
+            "OPENAI_API_KEY": self.openai_api_key,
+        }
+        if tier.api_key_env is None:
+            return None
+        if tier.api_key_env in known:
+            secret = known[tier.api_key_env]
+            return secret.get_secret_value() if secret else None
+        return os.environ.get(tier.api_key_env) or None
+
+    def tier_base_url(self, tier: Tier) -> str | None:
+        """`tier`'s base URL: its own, or its backend's variable's."""
+        if tier.base_url:
+            return tier.base_url
+        return {
+            "VLLM_BASE_URL": self.vllm_base_url,
+            "ANTHROPIC_BASE_URL": self.anthropic_base_url,
+            "OPENAI_BASE_URL": self.openai_base_url,
+        }.get(tier.url_env or "")
 
     def slm_timeout_s(self, max_tokens: int) -> float:
         return self.slm_timeout_base_s + self.slm_timeout_per_token_s * max_tokens

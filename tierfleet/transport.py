@@ -38,7 +38,7 @@ def make_celery(settings: Settings, *, broker_url: str | None = None) -> Celery:
 
 
 def all_queues(settings: Settings) -> list[str]:
-    return [settings.queue_triage, settings.queue_slm, settings.queue_frontier]
+    return [settings.queue_triage, *(tier.queue for tier in settings.fleet)]
 
 
 def _conf(settings: Settings, broker_url: str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from tierfleet.settings import Settings
 from tierfleet.transport import make_celery
 from workers import redis_transport, runtime
 
-POOLS = ("triage", "slm", "frontier", "all")
+POOLS = ("triage", "slm", "frontier", "all")  # those of the default ladder
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +54,15 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> Celery:
             "schedule": settings.reconcile_interval_s,
             "options": {"queue": C.QUEUE_CONTROL, "expires": settings.reconcile_interval_s},
         },
-        "batches": {
-            "task": C.TASK_BATCHES,
-            "schedule": settings.batch_interval_s,
-            "options": {"queue": C.QUEUE_BATCHES, "expires": settings.batch_interval_s},
+        **{
+            f"batches.{tier.name}": {
+                "task": C.TASK_BATCHES,
+                "schedule": settings.batch_interval_s,
+                "kwargs": {"tier": tier.name},
+                "options": {"queue": tier.batches_queue, "expires": settings.batch_interval_s},
+            }
+            for tier in settings.fleet
+            if tier.batch
         },
         "depth": {
             "task": C.TASK_DEPTH,
@@ -71,22 +76,26 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> Celery:
     return app
 
 
+def pools(settings: Settings) -> tuple[str, ...]:
+    """The pools a worker may serve: triage, one per tier of the ladder, all."""
+    return ("triage", *settings.fleet.names, "all")
+
+
 def plan_pool(settings: Settings, pool: str, concurrency: int | None = None) -> PoolPlan:
+    fleet = settings.fleet
     if pool == "triage":
         queues = [settings.queue_triage, C.QUEUE_CONTROL]
         return PoolPlan(queues, (), "prefork", concurrency or os.cpu_count() or 1)
-    if pool == "slm":
-        n = concurrency or settings.slm_concurrency
-        return PoolPlan([settings.queue_slm], (C.TIER_SLM,), "threads", n)
-    if pool == "frontier":
-        n = concurrency or settings.frontier_concurrency
-        queues = [settings.queue_frontier, C.QUEUE_BATCHES]
-        return PoolPlan(queues, (C.TIER_FRONTIER,), "threads", n)
+    if pool in fleet:
+        tier = fleet.tier(pool)
+        queues = [tier.queue, *([tier.batches_queue] if tier.batch else [])]
+        return PoolPlan(queues, (tier.name,), "threads", concurrency or tier.concurrency)
     if pool == "all":
-        queues = [settings.queue_triage, settings.queue_slm, settings.queue_frontier]
-        queues += [C.QUEUE_CONTROL, C.QUEUE_BATCHES]
-        return PoolPlan(queues, C.TIER_LADDER, "threads", concurrency or settings.slm_concurrency)
-    raise ValueError(f"unknown pool {pool!r}; pools are {', '.join(POOLS)}")
+        queues = [settings.queue_triage, *(t.queue for t in fleet), C.QUEUE_CONTROL]
+        queues += [t.batches_queue for t in fleet if t.batch]
+        n = concurrency or fleet.bottom.concurrency
+        return PoolPlan(queues, fleet.names, "threads", n)
+    raise ValueError(f"unknown pool {pool!r}; pools are {', '.join(pools(settings))}")
 
 
 @worker_process_init.connect

@@ -160,9 +160,7 @@ def attempt_id(job_id: str, seq: int) -> str:
 
 
 def _timeout_s(rt: Runtime, tier: str, max_tokens: int) -> float:
-    if tier == rt.policy.ladder[-1]:
-        return rt.settings.frontier_timeout_s
-    return rt.settings.slm_timeout_s(max_tokens)
+    return rt.settings.fleet.tier(tier).timeout_for(max_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +182,7 @@ def batching(rt: Runtime, tier: str, spec: JobSpec) -> bool:
 def _may_batch(rt: Runtime, tier: str) -> bool:
     return (
         rt.settings.message_batches != "off"
-        and tier == rt.policy.ladder[-1]
+        and rt.settings.fleet.tier(tier).batch
         and isinstance(rt.backends.get(tier), BatchBackend)
     )
 
@@ -466,10 +464,7 @@ def _call(rt: Runtime, spec: JobSpec, tier: str, complete: Callable[..., Complet
 def _call_and_validate(
     rt: Runtime, spec: JobSpec, tier: str, complete: Callable[..., Completion]
 ) -> CallResult:
-    is_top = tier == rt.policy.ladder[-1]
-    timeout_s = (
-        rt.settings.frontier_timeout_s if is_top else rt.settings.slm_timeout_s(spec.max_tokens)
-    )
+    timeout_s = _timeout_s(rt, tier, spec.max_tokens)
     try:
         completion = complete(spec, timeout_s=timeout_s)
     except RequestNotRun as exc:
@@ -494,16 +489,22 @@ def _call_and_validate(
         mean_logprob=completion.mean_logprob,
     )
     try:
-        result = _validated(rt, spec, tier, completion, is_top=is_top)
+        result = _validated(rt, spec, tier, completion)
     except InvalidOutput as exc:
         outcome = Outcome.LOW_CONFIDENCE if exc.rule == LOW_CONFIDENCE_RULE else Outcome.INVALID
         return dataclasses.replace(answered, outcome=outcome, error=str(exc))
     return dataclasses.replace(answered, result=result)
 
 
-def _validated(
-    rt: Runtime, spec: JobSpec, tier: str, completion: Completion, *, is_top: bool
-) -> Any:
+def _logprob_floor(rt: Runtime, tier: str) -> float | None:
+    """TIERFLEET_MIN_MEAN_LOGPROB, on a rung below the top that asks for logprobs."""
+    fleet = rt.settings.fleet
+    if fleet.is_top(tier) or not fleet.tier(tier).logprobs:
+        return None
+    return rt.settings.min_mean_logprob
+
+
+def _validated(rt: Runtime, spec: JobSpec, tier: str, completion: Completion) -> Any:
     """The result to store, or `InvalidOutput`: an answer that breaks a rule, that the
     validator cannot judge (it raised), or that the ledger cannot store as it is. The log
     names the job, never the answer."""
@@ -511,7 +512,7 @@ def _validated(
         result = validate(
             completion,
             spec.output_schema,
-            min_mean_logprob=None if is_top else rt.settings.min_mean_logprob,
+            min_mean_logprob=_logprob_floor(rt, tier),
         )
     except InvalidOutput:
         raise

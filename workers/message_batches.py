@@ -86,8 +86,8 @@ class Report:
         }
 
 
-def batch_backend(rt: Runtime) -> BatchBackend | None:
-    backend = rt.backends.get(rt.policy.ladder[-1])
+def batch_backend(rt: Runtime, tier: str | None = None) -> BatchBackend | None:
+    backend = rt.backends.get(tier or rt.policy.ladder[-1])
     if rt.settings.message_batches == "off" or not isinstance(backend, BatchBackend):
         return None
     return backend
@@ -105,11 +105,11 @@ def require_backend(rt: Runtime) -> BatchBackend:
     return backend
 
 
-def run(rt: Runtime, send: SendAttempt, *, force: bool = False) -> Report:
+def run(rt: Runtime, send: SendAttempt, *, tier: str | None = None, force: bool = False) -> Report:
     """One pass: recover lost creates, submit what is due (`force`: whatever waits),
     poll open batches and ingest the ended ones."""
     report = Report()
-    backend = batch_backend(rt)
+    backend = batch_backend(rt, tier)
     if backend is None:
         return report
     _recover_submitting(rt, backend, report, send)

@@ -10,7 +10,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tierfleet.constants import TIER_LADDER, Outcome
+from tierfleet.constants import TIER_LADDER, Outcome  # the default ladder
 
 
 class Action(enum.StrEnum):

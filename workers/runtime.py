@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from celery import Celery
 
-from tierfleet import constants as C
 from tierfleet.db import Ledger, engine_from_settings
 from tierfleet.errors import ConfigurationError
+from tierfleet.fleet import Tier
 from tierfleet.metrics import Metrics
 from tierfleet.prices import PriceBook
 from tierfleet.settings import Settings
@@ -34,7 +34,7 @@ class WorkerSpec:
     settings: Settings
     celery: Celery
     ledger: Ledger | None = None  # None: a new engine from DATABASE_URL
-    tiers: Sequence[str] = C.TIER_LADDER  # the tiers whose model clients are needed
+    tiers: Sequence[str] | None = None  # the tiers whose model clients are needed (None: all)
     db_pool_size: int = 5  # at least the worker's thread count
 
 
@@ -58,10 +58,12 @@ class Runtime:
         celery: Celery,
         ledger: Ledger | None = None,
         *,
-        tiers: Sequence[str] = C.TIER_LADDER,
+        tiers: Sequence[str] | None = None,
         db_pool_size: int = 5,
     ) -> Runtime:
         prices = PriceBook.load(settings.prices_file)
+        fleet = settings.fleet
+        tiers = fleet.names if tiers is None else tiers
         backends = make_backends(settings, tiers, max_connections=max(db_pool_size, 8))
         for backend in backends.values():
             prices[backend.model]  # a model without a price stops the worker at start
@@ -77,11 +79,12 @@ class Runtime:
             triage=Triage(
                 scorer=make_scorer(settings),
                 threshold=settings.triage_threshold,
-                context_tokens=settings.slm_context_tokens,
+                fleet=fleet,
                 pinned_features=settings.pinned_features,
             ),
             policy=EscalationPolicy(
-                top_tier_max_attempts=settings.frontier_max_attempts,
+                ladder=fleet.names,
+                top_tier_max_attempts=fleet.top.max_attempts,
                 max_transient_retries=settings.max_transient_retries,
                 base_delay_s=settings.retry_base_delay_s,
                 max_delay_s=settings.retry_max_delay_s,
@@ -144,56 +147,62 @@ def make_backends(
     """The model client for each tier in `tiers`: simulated, or the real one (whose
     client library is imported only here, only by a worker that needs it)."""
     backends: dict[str, ModelBackend] = {}
-    for tier in tiers:
-        if settings.use_sim_backends:
-            backends[tier] = _simulated(settings, tier)
-        elif tier == C.TIER_SLM:
-            backends[tier] = _vllm(settings, max_connections)
+    for name in tiers:
+        tier = settings.fleet.tier(name)
+        if settings.simulated(tier):
+            backends[name] = _simulated(settings, tier)
+        elif tier.backend == "anthropic":
+            backends[name] = _anthropic(settings, tier, max_connections)
         else:
-            backends[tier] = _anthropic(settings, max_connections)
+            backends[name] = _openai(settings, tier, max_connections)
     return backends
 
 
-def _simulated(settings: Settings, tier: str) -> SimulatedBackend:
-    rate = settings.sim_invalid_rate if tier == C.TIER_SLM else settings.sim_frontier_invalid_rate
+def _simulated(settings: Settings, tier: Tier) -> SimulatedBackend:
+    top = settings.fleet.is_top(tier.name)
+    rate = settings.sim_frontier_invalid_rate if top else settings.sim_invalid_rate
     return SimulatedBackend(
-        tier=tier,
-        model=settings.model_for(tier),
+        tier=tier.name,
+        model=tier.model,
         mean_latency_s=settings.sim_latency_s,
         invalid_rate=rate,
         seed=settings.sim_seed,
     )
 
 
-def _vllm(settings: Settings, max_connections: int) -> ModelBackend:
-    if not settings.vllm_base_url:
+def _openai(settings: Settings, tier: Tier, max_connections: int) -> ModelBackend:
+    url = settings.tier_base_url(tier)
+    if not url:
+        example = "http://vllm:8000/v1" if tier.backend == "vllm" else "https://api.openai.com/v1"
         raise ConfigurationError(
-            "the small tier needs VLLM_BASE_URL (vLLM's OpenAI-compatible server, e.g. "
-            "http://vllm:8000/v1), or TIERFLEET_BACKEND=sim for simulated models"
+            f"tier {tier.name!r} ({tier.backend}) needs a base URL: {tier.url_env or 'base_url'} "
+            f"(e.g. {example}), or TIERFLEET_BACKEND=sim for simulated models"
         )
     from workers.backends.vllm import VLLMBackend
 
-    key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
     return VLLMBackend(
-        base_url=settings.vllm_base_url,
-        model=settings.slm_model,
-        api_key=key,
+        base_url=url,
+        model=tier.model,
+        tier=tier.name,
+        api_key=settings.tier_api_key(tier),
         max_connections=max_connections,
     )
 
 
-def _anthropic(settings: Settings, max_connections: int) -> ModelBackend:
-    if settings.anthropic_api_key is None:
+def _anthropic(settings: Settings, tier: Tier, max_connections: int) -> ModelBackend:
+    key = settings.tier_api_key(tier)
+    if key is None:
         raise ConfigurationError(
-            "the frontier tier needs ANTHROPIC_API_KEY, or TIERFLEET_BACKEND=sim for "
-            "simulated models"
+            f"tier {tier.name!r} (anthropic) needs {tier.api_key_env}, or TIERFLEET_BACKEND=sim "
+            "for simulated models"
         )
     from workers.backends.anthropic_api import AnthropicBackend
 
     return AnthropicBackend(
-        api_key=settings.anthropic_api_key.get_secret_value(),
-        base_url=settings.anthropic_base_url,
-        model=settings.frontier_model,
+        api_key=key,
+        base_url=settings.tier_base_url(tier),
+        model=tier.model,
+        tier=tier.name,
         prompt_cache=settings.anthropic_prompt_cache,
         max_connections=max_connections,
     )

@@ -145,14 +145,15 @@ def depth(self: Task) -> None:
 
 
 @shared_task(name=C.TASK_BATCHES, bind=True)
-def batches(self: Task) -> None:
-    """Periodic (beat), on a frontier worker: send the collected batch-mode requests that
-    are due as provider batches, and ingest the provider batches that have ended."""
+def batches(self: Task, tier: str | None = None) -> None:
+    """Periodic (beat), on a worker of `tier` (a tier with `batch`): send its collected
+    batch-mode requests that are due as provider batches, and ingest its provider
+    batches that have ended."""
     from workers import message_batches
 
     rt = runtime()
     try:
-        message_batches.run(rt, send_next)
+        message_batches.run(rt, send_next, tier=tier)
     except DBAPIError as exc:
         if not ledger_unavailable(exc):
             raise

@@ -18,6 +18,8 @@ from typing import Protocol, runtime_checkable
 
 from tierfleet import constants as C
 from tierfleet.envelope import JobSpec
+from tierfleet.fleet import Fleet
+from tierfleet.settings import Settings
 
 
 class Scorer(Protocol):
@@ -96,9 +98,12 @@ class TriageDecision:
 class Triage:
     scorer: Scorer
     threshold: float = 0.5
-    context_tokens: int = 8192
+    fleet: Fleet = field(default_factory=lambda: Settings.from_env().fleet)
     pinned_features: Mapping[str, str] = field(default_factory=dict)
-    ladder: tuple[str, ...] = C.TIER_LADDER
+
+    @property
+    def ladder(self) -> tuple[str, ...]:
+        return self.fleet.names
 
     def decide(self, job: JobSpec) -> TriageDecision:
         version = self.scorer.version
@@ -106,9 +111,14 @@ class Triage:
         if job.route != C.ROUTE_AUTO:
             return TriageDecision(job.route, "route", None, version)
         needed = job.estimated_prompt_tokens + job.max_tokens
-        if needed > self.context_tokens:
-            reason = f"context: ~{needed} tokens > {self.context_tokens}"
-            return TriageDecision(top, reason, None, version)
+        bottom = self.fleet.bottom
+        if not bottom.fits(needed):
+            # The lowest rung whose context holds the prompt and its answer (the top, if none).
+            start = next((t for t in self.fleet if t.fits(needed)), self.fleet.top)
+            reason = f"context: ~{needed} tokens > {bottom.context_tokens}"
+            if start is not self.fleet.top:
+                reason += f" ({bottom.name}); {start.name} holds them"
+            return TriageDecision(start.name, reason, None, version)
         pinned = self.pinned_features.get(job.feature)
         if pinned is not None:
             return TriageDecision(pinned, "pinned feature", None, version)

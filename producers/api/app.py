@@ -198,9 +198,8 @@ def _submit(
             )  # fmt: skip
         envelope["idempotency_key"] = key = header_key
     try:  # the feature, a given id and key in the team's own space (producers.teams)
-        spec = teams.scope_spec(
-            who.team, parse_envelope(envelope), own_id="id" in envelope, own_key=key is not None
-        )
+        parsed = parse_envelope(envelope, tiers=api.settings.fleet.names)
+        spec = teams.scope_spec(who.team, parsed, own_id="id" in envelope, own_key=key is not None)
     except InvalidEnvelope as exc:
         raise ApiError(400, str(exc), code="invalid_envelope", param=exc.field or None) from None
     try:

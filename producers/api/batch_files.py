@@ -30,11 +30,11 @@ _CHECK_BATCH = "check"  # the batch id lines are parsed under at upload (ids are
 _ERRORS = (JobStatus.FAILED, JobStatus.CANCELLED)
 
 
-def options_for(feature: str | None, batch_id: str | None = None, team: str | None = None
-                ) -> bulk.BatchOptions:  # fmt: skip
+def options_for(feature: str | None, batch_id: str | None = None, team: str | None = None,
+                tiers: tuple[str, ...] = C.TIER_LADDER) -> bulk.BatchOptions:  # fmt: skip
     """The bulk options a batch's requests are submitted with (and checked by)."""
     return bulk.BatchOptions(feature=feature or "openai-batch", latency=C.LATENCY_BATCH,
-                             batch_id=batch_id, team=team)  # fmt: skip
+                             batch_id=batch_id, team=team, tiers=tiers)  # fmt: skip
 
 
 @dataclass
@@ -62,7 +62,7 @@ def check(content: bytes, options: bulk.BatchOptions, max_requests: int,
                            f"{max_requests:,}", code="too_many_lines")  # fmt: skip
         try:
             spec = bulk.parse_line(raw, defaults, _CHECK_BATCH, options.max_line_bytes,
-                                   options.team)  # fmt: skip
+                                   options.team, options.tiers)  # fmt: skip
             bulk.check_unique(spec, raw.no, _CHECK_BATCH, seen)
             _check_custom_id((spec.metadata or {}).get("custom_id"), raw.no, custom_ids)
         except InvalidEnvelope as exc:

@@ -156,7 +156,7 @@ def _run(api: Api, row: ApiBatch) -> str | None:
         name, content = s.execute(
             select(ApiFile.filename, ApiFile.content).where(ApiFile.id == row.input_file_id)
         ).one()
-    options = options_for(row.feature, row.batch_id, row.team)
+    options = options_for(row.feature, row.batch_id, row.team, api.settings.fleet.names)
     try:
         report = bulk.submit(Input.of_bytes(content, name), options, api.ledger,
                              api.client.celery, api.settings.queue_triage)  # fmt: skip

@@ -101,7 +101,9 @@ def add_routes(app: FastAPI) -> None:
         content = file.file.read(cap + 1)
         if len(content) > cap:
             raise ApiError(413, f"the file is over its limit of {cap:,} bytes", code="too_large")
-        checked = batch_files.check(content, batch_files.options_for(who.feature, team=who.team),
+        checked = batch_files.check(content, batch_files.options_for(
+                                        who.feature, team=who.team,
+                                        tiers=api.settings.fleet.names),
                                     api.settings.api_max_batch_lines, skip_invalid)  # fmt: skip
         row = ApiFile(
             id="file-" + secrets.token_hex(12), team=who.team, purpose=purpose,

@@ -5,6 +5,7 @@ from typing import Any
 import pytest
 
 from tierfleet.envelope import JobSpec, parse_envelope
+from tierfleet.settings import Settings
 from workers.triage import RuleScorer, Triage
 
 
@@ -29,14 +30,14 @@ def test_an_explicit_route_wins_over_everything() -> None:
 
 
 def test_a_prompt_that_does_not_fit_the_small_context_goes_to_the_frontier() -> None:
-    triage = Triage(FixedScorer(0.0), context_tokens=8192)
+    triage = Triage(FixedScorer(0.0), fleet=Settings(slm_context_tokens=8192).fleet)
     decision = triage.decide(job(prompt="word " * 8000, max_tokens=512))
     assert decision.tier == "frontier" and decision.reason.startswith("context")
     assert triage.decide(job(prompt="word " * 100)).tier == "slm"
 
 
 def test_the_answer_budget_counts_against_the_context() -> None:
-    triage = Triage(FixedScorer(0.0), context_tokens=1000)
+    triage = Triage(FixedScorer(0.0), fleet=Settings(slm_context_tokens=1000).fleet)
     assert triage.decide(job(prompt="word " * 100, max_tokens=2000)).tier == "frontier"
 
 
