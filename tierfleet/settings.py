@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal, Self
 from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
 
 from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator, model_validator
@@ -165,17 +166,28 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _the_ladder(self) -> Settings:
         try:
-            fleet = load_fleet(self.fleet_file) if self.fleet_file else default_fleet(self)
+            self._fleet = self._load_fleet()
         except ConfigurationError as exc:
             raise ValueError(str(exc)) from None
-        self._fleet = fleet
+        return self
+
+    def _load_fleet(self) -> Fleet:
+        fleet = load_fleet(self.fleet_file) if self.fleet_file else default_fleet(self)
         for feature, tier in self.pinned_features.items():
             if tier not in fleet:
-                raise ValueError(
+                raise ConfigurationError(
                     f"TIERFLEET_PINNED_FEATURES: feature {feature!r} is pinned to unknown "
                     f"tier {tier!r}; tiers are {', '.join(fleet.names)}"
                 )
-        return self
+        return fleet
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with `update` applied; the ladder is built again from the copy's fields
+        (pydantic's copy runs no validator)."""
+        copy = super().model_copy(update=update, deep=deep)
+        if update:
+            copy._fleet = copy._load_fleet()
+        return copy
 
     @field_validator("database_url")
     @classmethod
