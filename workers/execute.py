@@ -663,26 +663,35 @@ def _refused(
 
 
 def _teach_router(rt: Runtime, claimed: _Claimed, tier: str, decision: Decision) -> None:
-    """Each small-tier outcome is a label for the learned router: a valid answer says the
-    small model sufficed, an escalation that it did not; a frontier failure after such an
-    escalation takes it back (neither model could answer). Routing state is advisory: a
-    Redis that does not answer costs the label, never the job."""
+    """Each outcome on a rung below the top is a label for the learned router: a valid
+    answer says the rung sufficed, an escalation that it did not; a failure on the top
+    takes back the escalations of the rungs that sent the job up (none could answer). An
+    outcome is placed by the job's triage score on the rung it started on, by the prior's
+    on a rung it climbed to. Routing state is advisory: a Redis that does not answer costs
+    the label, never the job."""
     router = rt.triage.scorer
     if not isinstance(router, LearnedRouter):
         return
-    spec, score = claimed.spec, claimed.triage_score
+    spec, score, ladder = claimed.spec, claimed.triage_score, list(rt.policy.ladder)
+
+    def failed_on(conn: Connection, rung: str) -> bool:
+        params = {"p_id": spec.id, "p_tier": rung, "p_floor": claimed.floor}
+        return bool(conn.execute(sql.SMALL_TIER_FAILED, params).scalar_one())
+
     try:
-        if tier == rt.policy.ladder[0]:
+        if tier in ladder[:-1]:
             if decision.action in (Action.SUCCEED, Action.ESCALATE):
-                router.learn_small(spec, score, escalated=decision.action is Action.ESCALATE)
-        elif decision.action is Action.FAIL and tier == rt.policy.ladder[-1]:
+                rung = ladder.index(tier)
+                if rung > 0:  # did the job climb here, or start here?
+                    with rt.ledger.begin() as conn:
+                        if failed_on(conn, ladder[rung - 1]):
+                            score = None
+                router.learn(spec, tier, score, escalated=decision.action is Action.ESCALATE)
+        elif decision.action is Action.FAIL and tier == ladder[-1]:
             with rt.ledger.begin() as conn:
-                failed_small = conn.execute(
-                    sql.SMALL_TIER_FAILED,
-                    {"p_id": spec.id, "p_tier": rt.policy.ladder[0], "p_floor": claimed.floor},
-                ).scalar_one()
-            if failed_small:
-                router.learn_escalation_failed(spec, score)
+                escalated = [r for r in ladder[:-1] if failed_on(conn, r)]
+            for rung_tier in escalated:
+                router.learn_escalation_failed(spec, score, rung_tier)
     except (redis.RedisError, OSError):
         log.warning(
             "cannot record a routing outcome", exc_info=True,

@@ -1,18 +1,20 @@
-"""Triage: which tier a job tries first.
+"""Triage: which rung of the ladder a job tries first.
 
-In order: an explicit `route` wins; then hard rules (the prompt and its answer do not fit
-the small model's context window; the feature is pinned to a tier); then a scorer's
-p(needs a bigger model) against a threshold. The default scorer is the learned router
-(`workers/router/`), which also calibrates the threshold per feature from its target and
-learns from the fleet's outcomes; any other scorer is compared with a fixed threshold.
-The decision carries its score, its reason and the scorer's version, and is recorded on
-the job.
+In order: an explicit `route` (any tier name) wins; then hard rules (the prompt and its
+answer do not fit the bottom rung's context window: the lowest rung that holds them; the
+feature is pinned to a tier); then the scorer. The default scorer is the learned router
+(`workers/router/`), which scores every rung below the top per (feature, tier), calibrates
+each rung's threshold from the feature's target, learns from the fleet's outcomes, and
+starts the job on the lowest rung whose score is below its threshold. Any other scorer
+gives one p(needs a bigger model than the bottom), compared with a fixed threshold: the
+bottom below it, the top above. The decision carries its score, its reason and the
+scorer's version, and is recorded on the job.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -36,13 +38,15 @@ class Assessed(Protocol):
     threshold: float
     explore: bool
     reason: str
+    tier: str  # the rung the job starts on
 
 
 @runtime_checkable
 class Router(Scorer, Protocol):
-    """A scorer that sets its own threshold per job (calibrated per feature)."""
+    """A scorer that picks the starting rung itself (thresholds calibrated per feature
+    and tier)."""
 
-    def assess(self, job: JobSpec) -> Assessed: ...
+    def assess(self, job: JobSpec, ladder: Sequence[str]) -> Assessed: ...
 
 
 _CODE = re.compile(
@@ -123,9 +127,8 @@ class Triage:
         if pinned is not None:
             return TriageDecision(pinned, "pinned feature", None, version)
         if isinstance(self.scorer, Router):
-            a = self.scorer.assess(job)
-            tier = top if a.score >= a.threshold and not a.explore else small
-            return TriageDecision(tier, a.reason, a.score, version)
+            a = self.scorer.assess(job, self.ladder)
+            return TriageDecision(a.tier, a.reason, a.score, version)
         score = self.scorer.score(job)
         tier = top if score >= self.threshold else small
         op = ">=" if tier == top else "<"

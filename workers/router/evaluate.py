@@ -149,7 +149,7 @@ def evaluate(
 
 def _learn(router: LearnedRouter, row: EvalRow, score: float) -> None:
     prior = router.prior.score(row.prompt)
-    router.memory.learn(Outcome.small_tier(row.feature, prior, score, not row.small_ok))
+    router.memory.learn(Outcome.answer(row.feature, prior, score, not row.small_ok))
     if not row.small_ok and not row.large_ok:
         router.memory.learn(Outcome.taken_back(row.feature, prior, score))
 

@@ -1,11 +1,16 @@
 """What the fleet has learnt about each feature's prompts, shared by every worker.
 
-Per feature: how many small-tier outcomes were seen (`n`), how many of them needed the
-frontier (`positives`: the small model's answer failed and the frontier's did not), the
-sum of the prior's scores on those prompts (`prior_sum`, so that the feature's offset from
-the prior can be measured), and three histograms over the routing score (50 bins): jobs
-triaged, small-tier outcomes seen, and escalations among them. The thresholds are
-calibrated from the histograms.
+Per (feature, tier), for every rung of the ladder but the top: how many outcomes were seen
+on that rung (`n`), how many of them needed a rung above (`positives`: the rung's answer
+failed and the top's did not), the sum of the prior's scores on those prompts
+(`prior_sum`, so that the offset from the prior can be measured), and three histograms
+over the routing score (50 bins): jobs triaged on the rung (whose start the rung's score
+decided), outcomes seen on it, and escalations among them. The thresholds are calibrated
+from the histograms.
+
+Redis keys: the tier `slm` (the bottom rung of the default fleet) keeps the hashes of
+earlier releases, `tierfleet:router:stats` and `tierfleet:router:hist`; any other tier has
+`tierfleet:router:<tier>:stats` and `tierfleet:router:<tier>:hist`, with the same fields.
 
 `RedisMemory` keeps it in Redis hashes, updated with atomic increments (any number of
 workers, no lost update) and read by triage as a snapshot refreshed every few seconds;
@@ -19,16 +24,27 @@ import contextlib
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis
 
+from tierfleet import constants as C
+
 BINS = 50
+DEFAULT_TIER = C.TIER_LADDER[0]  # the tier of a call that names none: the default bottom
 PREFIX = "tierfleet:router:"
 _STATS = PREFIX + "stats"  # field "<feature>\x1f<name>", name: n | positives | prior_sum
 _HIST = PREFIX + "hist"  # field "<feature>\x1f<kind>\x1f<bin>", kind: t | o | e
 _SEP = "\x1f"
+
+
+def redis_keys(tier: str) -> tuple[str, str]:
+    """The (stats, histograms) hashes of a tier's memory."""
+    if tier == DEFAULT_TIER:
+        return _STATS, _HIST
+    return f"{PREFIX}{tier}:stats", f"{PREFIX}{tier}:hist"
 
 
 def bin_of(score: float) -> int:
@@ -50,59 +66,67 @@ class FeatureStats:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """One small-tier outcome (or its correction) to learn from."""
+    """One outcome on a rung below the top (or its correction) to learn from."""
 
     feature: str
     prior: float  # the prior's score of the prompt
-    score: float  # the routing score the job was triaged with
-    positive: float  # +1: needed the frontier; -1: a correction (the frontier failed too)
-    escalated: bool  # the small model's answer failed
+    score: float  # the routing score that places it in the histograms
+    positive: float  # +1: needed a rung above; -1: a correction (the top failed too)
+    escalated: bool  # the rung's answer failed
     observed: bool = True  # False for a correction: the outcome was counted already
+    tier: str = DEFAULT_TIER
 
     @classmethod
-    def small_tier(cls, feature: str, prior: float, score: float, escalated: bool) -> Outcome:
-        """A small-tier answer, valid or not. An escalation counts as needing the frontier
-        until the frontier fails too (`taken_back`)."""
-        return cls(feature, prior, score, float(escalated), escalated)
+    def answer(
+        cls, feature: str, prior: float, score: float, escalated: bool, tier: str = DEFAULT_TIER
+    ) -> Outcome:
+        """A rung's answer, valid or not. An escalation counts as needing a rung above
+        until the top fails too (`taken_back`)."""
+        return cls(feature, prior, score, float(escalated), escalated, tier=tier)
 
     @classmethod
-    def taken_back(cls, feature: str, prior: float, score: float) -> Outcome:
-        """The frontier failed a job the small model failed: it did not need the frontier
-        (neither could answer), so its escalation no longer counts as a positive."""
-        return cls(feature, prior, score, -1.0, True, observed=False)
+    def taken_back(
+        cls, feature: str, prior: float, score: float, tier: str = DEFAULT_TIER
+    ) -> Outcome:
+        """The top failed a job that `tier` had escalated: it did not need a rung above
+        (none could answer), so its escalation no longer counts as a positive."""
+        return cls(feature, prior, score, -1.0, True, observed=False, tier=tier)
+
+
+Key = tuple[str, str]  # (feature, tier)
 
 
 class Memory(Protocol):
-    def stats(self, feature: str) -> FeatureStats: ...
+    def stats(self, feature: str, tier: str = DEFAULT_TIER) -> FeatureStats: ...
 
-    def triaged(self, feature: str, score: float) -> None: ...
+    def triaged(self, feature: str, score: float, tier: str = DEFAULT_TIER) -> None: ...
 
     def learn(self, outcome: Outcome) -> None: ...
 
-    def reset(self, stats: dict[str, FeatureStats]) -> None: ...
+    def reset(self, stats: Mapping[Key, FeatureStats]) -> None: ...
 
 
 class LocalMemory:
     def __init__(self) -> None:
-        self._stats: dict[str, FeatureStats] = defaultdict(FeatureStats)
+        self._stats: dict[Key, FeatureStats] = defaultdict(FeatureStats)
         self._lock = threading.Lock()
 
-    def stats(self, feature: str) -> FeatureStats:
-        return self._stats.get(feature) or FeatureStats()
+    def stats(self, feature: str, tier: str = DEFAULT_TIER) -> FeatureStats:
+        return self._stats.get((feature, tier)) or FeatureStats()
 
-    def triaged(self, feature: str, score: float) -> None:
+    def triaged(self, feature: str, score: float, tier: str = DEFAULT_TIER) -> None:
         with self._lock:
-            self._stats[feature].triaged[bin_of(score)] += 1
+            self._stats[(feature, tier)].triaged[bin_of(score)] += 1
 
     def learn(self, outcome: Outcome) -> None:
         with self._lock:
-            _apply(self._stats[outcome.feature], outcome)
+            _apply(self._stats[(outcome.feature, outcome.tier)], outcome)
 
-    def reset(self, stats: dict[str, FeatureStats]) -> None:
+    def reset(self, stats: Mapping[Key, FeatureStats]) -> None:
         with self._lock:
             self._stats = defaultdict(FeatureStats, stats)
 
-    def snapshot(self) -> dict[str, FeatureStats]:
+    def snapshot(self) -> dict[Key, FeatureStats]:
         return dict(self._stats)
 
 
@@ -121,12 +145,14 @@ class RedisMemory:
     """The shared memory in Redis. `stats` serves a snapshot at most `refresh_s` old;
     what a worker triages and learns is added up here and sent as one pipeline about as
     often (and on close): a worker lost without closing loses at most that much of its
-    labels, never a job."""
+    labels, never a job. The snapshot holds the tiers asked about so far (a tier asked
+    about for the first time is read at once)."""
 
     def __init__(self, client: redis.Redis, refresh_s: float = 2.0) -> None:
         self.client = client
         self.refresh_s = refresh_s
-        self._snapshot: dict[str, FeatureStats] = {}
+        self._tiers: set[str] = {DEFAULT_TIER}
+        self._snapshot: dict[Key, FeatureStats] = {}
         self._loaded_at = -1e9
         self._pending: dict[tuple[str, str], float] = defaultdict(float)  # (hash, field)
         self._flushed_at = time.monotonic()
@@ -136,49 +162,57 @@ class RedisMemory:
     def from_url(cls, url: str, refresh_s: float = 2.0) -> RedisMemory:
         return cls(redis.Redis.from_url(url, socket_timeout=5), refresh_s)
 
-    def stats(self, feature: str) -> FeatureStats:
+    def stats(self, feature: str, tier: str = DEFAULT_TIER) -> FeatureStats:
+        if tier not in self._tiers:
+            self._tiers.add(tier)
+            self._loaded_at = -1e9
         if time.monotonic() - self._loaded_at > self.refresh_s:
             self._refresh()
-        return self._snapshot.get(feature) or FeatureStats()
+        return self._snapshot.get((feature, tier)) or FeatureStats()
 
-    def triaged(self, feature: str, score: float) -> None:
+    def triaged(self, feature: str, score: float, tier: str = DEFAULT_TIER) -> None:
+        hist = redis_keys(tier)[1]
         with self._lock:
-            self._pending[(_HIST, f"{feature}{_SEP}t{_SEP}{bin_of(score)}")] += 1
+            self._pending[(hist, f"{feature}{_SEP}t{_SEP}{bin_of(score)}")] += 1
 
     def learn(self, outcome: Outcome) -> None:
         f, b = outcome.feature, bin_of(outcome.score)
+        stats, hist = redis_keys(outcome.tier)
         with self._lock:
             pending = self._pending
             if outcome.positive:
-                pending[(_STATS, f"{f}{_SEP}positives")] += outcome.positive
+                pending[(stats, f"{f}{_SEP}positives")] += outcome.positive
             if outcome.observed:
-                pending[(_STATS, f"{f}{_SEP}n")] += 1
-                pending[(_STATS, f"{f}{_SEP}prior_sum")] += outcome.prior
-                pending[(_HIST, f"{f}{_SEP}o{_SEP}{b}")] += 1
+                pending[(stats, f"{f}{_SEP}n")] += 1
+                pending[(stats, f"{f}{_SEP}prior_sum")] += outcome.prior
+                pending[(hist, f"{f}{_SEP}o{_SEP}{b}")] += 1
                 if outcome.escalated:
-                    pending[(_HIST, f"{f}{_SEP}e{_SEP}{b}")] += 1
+                    pending[(hist, f"{f}{_SEP}e{_SEP}{b}")] += 1
         if time.monotonic() - self._flushed_at > self.refresh_s:
             self.flush()
 
-    def reset(self, stats: dict[str, FeatureStats]) -> None:
-        """Replace everything (`tierfleet triage retrain`), in one transaction."""
-        flat: dict[Any, float] = {}
-        hist: dict[Any, float] = {}
-        for f, s in stats.items():
-            flat[f"{f}{_SEP}n"] = s.n
-            flat[f"{f}{_SEP}positives"] = s.positives
-            flat[f"{f}{_SEP}prior_sum"] = s.prior_sum
-            for kind, values in (("t", s.triaged), ("o", s.observed), ("e", s.escalated)):
-                for b, v in enumerate(values):
+    def reset(self, stats: Mapping[Key, FeatureStats]) -> None:
+        """Replace everything under the router's prefix (`tierfleet triage retrain`), in
+        one transaction."""
+        values: dict[str, dict[Any, float]] = defaultdict(dict)
+        for (f, tier), s in stats.items():
+            flat, hist = redis_keys(tier)
+            values[flat][f"{f}{_SEP}n"] = s.n
+            values[flat][f"{f}{_SEP}positives"] = s.positives
+            values[flat][f"{f}{_SEP}prior_sum"] = s.prior_sum
+            for kind, counts in (("t", s.triaged), ("o", s.observed), ("e", s.escalated)):
+                for b, v in enumerate(counts):
                     if v:
-                        hist[f"{f}{_SEP}{kind}{_SEP}{b}"] = v
+                        values[hist][f"{f}{_SEP}{kind}{_SEP}{b}"] = v
+        old = list(self.client.scan_iter(match=PREFIX + "*", count=1000))
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(_STATS, _HIST)
-            if flat:
-                pipe.hset(_STATS, mapping=flat)
-            if hist:
-                pipe.hset(_HIST, mapping=hist)
+            if old:
+                pipe.delete(*old)
+            for name, mapping in values.items():
+                if mapping:
+                    pipe.hset(name, mapping=mapping)
             pipe.execute()
+        self._tiers.update(tier for _, tier in stats)
         self._loaded_at = -1e9
 
     def flush(self) -> None:
@@ -192,7 +226,7 @@ class RedisMemory:
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 for (name, field), n in pending.items():
-                    if name == _HIST:  # counts
+                    if name.endswith(":hist"):  # counts
                         pipe.hincrby(name, field, round(n))
                     else:
                         pipe.hincrbyfloat(name, field, n)
@@ -205,21 +239,25 @@ class RedisMemory:
 
     def _refresh(self) -> None:
         self._loaded_at = time.monotonic()
+        tiers = sorted(self._tiers)
         try:
             self.flush()
             with self.client.pipeline(transaction=False) as pipe:
-                pipe.hgetall(_STATS)
-                pipe.hgetall(_HIST)
-                raw_stats, raw_hist = pipe.execute()
+                for tier in tiers:
+                    for name in redis_keys(tier):
+                        pipe.hgetall(name)
+                raw = pipe.execute()
         except redis.RedisError:
             return  # routing goes on with the last snapshot (or the prior alone)
-        snap: dict[str, FeatureStats] = defaultdict(FeatureStats)
-        for key, value in raw_stats.items():
-            f, _, name = key.decode().rpartition(_SEP)
-            setattr(snap[f], name, float(value))
-        for key, value in raw_hist.items():
-            f, kind, b = key.decode().rsplit(_SEP, 2)
-            snap[f].add_bin(kind, int(b), float(value))
+        snap: dict[Key, FeatureStats] = defaultdict(FeatureStats)
+        for i, tier in enumerate(tiers):
+            raw_stats, raw_hist = raw[2 * i], raw[2 * i + 1]
+            for key, value in raw_stats.items():
+                f, _, name = key.decode().rpartition(_SEP)
+                setattr(snap[(f, tier)], name, float(value))
+            for key, value in raw_hist.items():
+                f, kind, b = key.decode().rsplit(_SEP, 2)
+                snap[(f, tier)].add_bin(kind, int(b), float(value))
         self._snapshot = dict(snap)
 
     def close(self) -> None:

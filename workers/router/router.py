@@ -1,37 +1,62 @@
-"""The learned router: the generic prior, adjusted per feature by what the fleet has seen,
-against a threshold calibrated from the feature's target.
+"""The learned router: the generic prior, adjusted per (feature, tier) by what the fleet
+has seen, against thresholds calibrated from the feature's target. A job starts on the
+lowest rung whose score is below that rung's threshold; above every one, on the top.
 
-Score. `logit(score) = logit(prior) + offset(feature)`, where the offset is how far the
-feature's observed rate of needing the frontier sits from the prior's mean on the same
-prompts, shrunk toward zero by `PSEUDO_COUNT` imaginary outcomes at the prior's rate: a
-feature whose small-model answers keep failing drifts to the frontier, one whose answers
-keep passing stays small, and a new feature starts at the prior.
+Score. For each rung r below the top, `logit(score_r) = logit(prior) + offset(feature, r)`:
+the prior's p(the prompt needs a bigger model), shifted by how far the feature's observed
+rate of escalating from r sits from the prior's mean on the same prompts, shrunk toward
+zero by `PSEUDO_COUNT` imaginary outcomes at the prior's rate: a feature whose answers on
+r keep failing drifts above r, one whose answers keep passing stays, and a new feature
+starts at the prior. Labels (taught by the tier workers, rebuilt by `retrain`): a valid
+answer on r is a success of r, an escalation from r a failure of r, and a failure on the
+top takes back the failures of the rungs that escalated the job. An outcome is placed in
+the histograms by the job's recorded score when the job started on that rung, and by the
+prior's score when it climbed there (its score on that rung was not recorded).
 
-Threshold. Each feature has a target: the largest share of its jobs that may go to the
-frontier (`frontier_share`), or the largest share of its small-tier jobs that may escalate
-(`max_escalation_rate`). The threshold is the lowest (for a share) or the highest (for an
-escalation rate) score bin edge that meets it, read off the feature's histograms once they
-hold `MIN_OBSERVED` jobs. Before that, a new feature starts at `cold_threshold` (the small
-tier first, unless the prior is fairly sure): the benchmark prompts the prior learnt from
-are harder than most production work, so their calibration would send nearly everything
-new to the frontier.
+Threshold. Each feature has a target: the largest share of its small-tier jobs that may
+escalate (`max_escalation_rate`), applied on every rung to that rung's outcomes; or the
+largest share of its jobs that may start above a rung (`frontier_share`), applied on every
+rung to the jobs that reach it: with a share s, at most s of the jobs start above the
+bottom, about s*s above the second rung, and so on (s = 0.16 on Haiku, Sonnet, Opus gives
+84% / 13% / 3%). Jobs that went above a rung are counted above it whatever their score
+(only the deciding score is recorded). With two tiers both are today's single threshold.
+A rung's threshold is read off its histograms once they hold `MIN_OBSERVED` jobs.
 
-Exploration. A small deterministic share (`explore`) of the jobs above the threshold go to
-the small tier anyway, so that a feature routed to the frontier keeps producing outcomes
-to learn from.
+Cold start. Before that, rung r of a ladder of n starts at
+`cold_threshold + (1 - cold_threshold) * r / (n - 1)`: 0.5 on the bottom, rising evenly
+toward 1, so a prompt the prior finds hard skips rungs (with 0.5 and three rungs: below
+0.5 the bottom, 0.5 to 0.75 the middle, above the top). The benchmark prompts the prior
+learnt from are harder than most production work, so their calibration would send nearly
+everything new up.
+
+Exploration. A small deterministic share (`explore`) of the jobs that would start above
+the bottom start one rung lower, so that every rung keeps producing outcomes to learn from.
+
+Record. The decision's score is the score that decided: that of the rung the job starts on
+(of the rung below the top, for the top). With more than one rung below the top the reason
+names each rung the walk looked at, e.g. `slm: score 0.61 >= 0.50 (...); haiku: score 0.32
+< 0.75 (...)`; with two tiers it is as before, `score 0.32 < 0.50 (...)`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tierfleet import constants as C
 from tierfleet.envelope import JobSpec
 from tierfleet.errors import ConfigurationError
-from workers.router.memory import BINS, FeatureStats, LocalMemory, Memory, Outcome
+from workers.router.memory import (
+    BINS,
+    DEFAULT_TIER,
+    FeatureStats,
+    LocalMemory,
+    Memory,
+    Outcome,
+)
 from workers.router.prior import Prior, load_prior, logit, sigmoid
 
 PSEUDO_COUNT = 10.0
@@ -97,15 +122,24 @@ class Targets:
 @dataclass(frozen=True, slots=True)
 class Assessment:
     prior: float
-    score: float
+    score: float  # the score that decided (see the module's docstring)
     threshold: float
     explore: bool
+    reason: str
+    tier: str = DEFAULT_TIER  # the rung the job starts on
+
+
+@dataclass(frozen=True, slots=True)
+class _Rung:
+    tier: str
+    score: float
+    threshold: float
     reason: str
 
 
 class LearnedRouter:
-    """A triage scorer (`score`) that also calibrates its threshold (`assess`) and
-    learns from outcomes (`learn_small`, `learn_escalation_failed`)."""
+    """A triage scorer (`score`) that also calibrates its thresholds and picks the
+    starting rung (`assess`), and learns from outcomes (`learn`, `learn_escalation_failed`)."""
 
     def __init__(
         self,
@@ -131,46 +165,90 @@ class LearnedRouter:
         observed = (stats.positives + PSEUDO_COUNT * mean_prior) / (stats.n + PSEUDO_COUNT)
         return logit(observed) - logit(mean_prior)
 
-    def score_text(self, text: str, feature: str) -> tuple[float, float]:
-        """(prior, routing score) of a prompt for a feature."""
+    def score_text(self, text: str, feature: str, tier: str = DEFAULT_TIER) -> tuple[float, float]:
+        """(prior, routing score on `tier`) of a prompt for a feature."""
         z = self.prior.logit(text)
-        return sigmoid(z), sigmoid(z + self.offset(self.memory.stats(feature)))
+        return sigmoid(z), sigmoid(z + self.offset(self.memory.stats(feature, tier)))
 
     def score(self, job: JobSpec) -> float:
         return self.score_text(prompt_text(job), job.feature)[1]
 
-    def assess(self, job: JobSpec) -> Assessment:
-        return self.assess_text(prompt_text(job), job.feature, job.id)
+    def assess(self, job: JobSpec, ladder: Sequence[str] = C.TIER_LADDER) -> Assessment:
+        return self.assess_text(prompt_text(job), job.feature, job.id, ladder)
 
-    def assess_text(self, text: str, feature: str, key: str) -> Assessment:
-        stats = self.memory.stats(feature)
+    def assess_text(
+        self,
+        text: str,
+        feature: str,
+        key: str,
+        ladder: Sequence[str] = C.TIER_LADDER,
+        *,
+        record: bool = True,
+    ) -> Assessment:
+        """Where a prompt of `feature` starts on `ladder` (cheapest first); `key` (the
+        job's id) picks the explored share; `record`: count the decision in the memory."""
+        below_top = list(ladder[:-1])
+        if not below_top:  # a one-rung ladder: nothing to decide
+            return Assessment(self.prior.score(text), 0.0, 1.0, False, "one tier", ladder[0])
         z = self.prior.logit(text)
-        offset = self.offset(stats)
-        score = sigmoid(z + offset)
         target = self.targets.for_feature(feature)
-        threshold, source = self.threshold(stats, target)
-        explore = score >= threshold and _fraction(key) < self.explore
-        self.memory.triaged(feature, score)
-        reason = (
-            f"score {score:.2f} {'>=' if score >= threshold else '<'} {threshold:.2f} "
-            f"({target.describe()}, {source}; offset {offset:+.2f} from {stats.n:.0f} outcomes)"
-        )
+        stats = [self.memory.stats(feature, t) for t in below_top]
+        totals = [sum(s.triaged) for s in stats]
+        walked: list[_Rung] = []
+        start = len(below_top)  # the top, unless a rung's score is below its threshold
+        for r, (tier, st) in enumerate(zip(below_top, stats, strict=True)):
+            offset = self.offset(st)
+            score = sigmoid(z + offset)
+            cold = self.cold_for(r, len(ladder))
+            threshold, source = self.threshold(st, target, cold=cold, above=sum(totals[r + 1 :]))
+            reason = (
+                f"score {score:.2f} {'>=' if score >= threshold else '<'} {threshold:.2f} "
+                f"({target.describe()}, {source}; offset {offset:+.2f} from {st.n:.0f} outcomes)"
+            )
+            walked.append(_Rung(tier, score, threshold, reason))
+            if score < threshold:
+                start = r
+                break
+        explore = start > 0 and _fraction(key) < self.explore
         if explore:
-            reason = "explore: " + reason
-        return Assessment(sigmoid(z), score, threshold, explore, reason)
+            start -= 1
+        decided = walked[min(start, len(below_top) - 1)]
+        if record:
+            self.memory.triaged(feature, decided.score, decided.tier)
+        if len(below_top) == 1:
+            reason = decided.reason
+            prefix = "explore: "
+        else:
+            reason = "; ".join(f"{w.tier}: {w.reason}" for w in walked)
+            prefix = f"explore (one rung lower, {ladder[start]}): "
+        if explore:
+            reason = prefix + reason
+        return Assessment(
+            sigmoid(z), decided.score, decided.threshold, explore, reason, ladder[start]
+        )
 
     # --- calibration -----------------------------------------------------------------
 
-    def threshold(self, stats: FeatureStats, target: Target) -> tuple[float, str]:
+    def cold_for(self, rung: int, rungs: int) -> float:
+        """A new feature's threshold on `rung` (0: the bottom) of a ladder of `rungs`."""
+        return self.cold_threshold + (1.0 - self.cold_threshold) * rung / max(1, rungs - 1)
+
+    def threshold(
+        self, stats: FeatureStats, target: Target, *, cold: float | None = None, above: float = 0.0
+    ) -> tuple[float, str]:
+        """A rung's threshold: calibrated from its histograms, or `cold` (default
+        `cold_threshold`) while they are short. `above`: jobs already started above the
+        rung (a share target counts them)."""
         if target.frontier_share is not None:
-            if sum(stats.triaged) >= MIN_OBSERVED:
-                return _share_threshold(stats.triaged, target.frontier_share), "calibrated"
+            if sum(stats.triaged) + above >= MIN_OBSERVED:
+                share = target.frontier_share
+                return _share_threshold(stats.triaged, share, above), "calibrated"
         else:
             assert target.max_escalation_rate is not None
             if sum(stats.observed) >= MIN_OBSERVED:
                 rate = target.max_escalation_rate
                 return _escalation_threshold(stats.observed, stats.escalated, rate), "calibrated"
-        return self.cold_threshold, "new feature"
+        return (self.cold_threshold if cold is None else cold), "new feature"
 
     def close(self) -> None:
         close = getattr(self.memory, "close", None)
@@ -179,17 +257,24 @@ class LearnedRouter:
 
     # --- learning --------------------------------------------------------------------
 
-    def learn_small(self, job: JobSpec, score: float | None, escalated: bool) -> None:
-        """A small-tier answer of `job` (triaged with `score`) was valid or escalated."""
+    def learn(self, job: JobSpec, tier: str, score: float | None, escalated: bool) -> None:
+        """An answer of `job` on `tier` (below the top) was valid or escalated; `score`
+        places it in the histograms (None: the prior's)."""
         prior = self.prior.score(prompt_text(job))
         score = prior if score is None else score
-        self.memory.learn(Outcome.small_tier(job.feature, prior, score, escalated))
+        self.memory.learn(Outcome.answer(job.feature, prior, score, escalated, tier))
 
-    def learn_escalation_failed(self, job: JobSpec, score: float | None) -> None:
-        """The frontier failed `job` after the small tier had: take its escalation back."""
+    def learn_small(self, job: JobSpec, score: float | None, escalated: bool) -> None:
+        """An answer on the default fleet's bottom rung (`learn` on `slm`)."""
+        self.learn(job, DEFAULT_TIER, score, escalated)
+
+    def learn_escalation_failed(
+        self, job: JobSpec, score: float | None, tier: str = DEFAULT_TIER
+    ) -> None:
+        """The top failed `job` after `tier` had escalated it: take that escalation back."""
         prior = self.prior.score(prompt_text(job))
         score = prior if score is None else score
-        self.memory.learn(Outcome.taken_back(job.feature, prior, score))
+        self.memory.learn(Outcome.taken_back(job.feature, prior, score, tier))
 
 
 def prompt_text(job: JobSpec) -> str:
@@ -207,12 +292,12 @@ def _edge(b: int) -> float:
     return b / BINS
 
 
-def _share_threshold(counts: list[float], share: float) -> float:
-    """The lowest bin edge with at most `share` of the jobs at or above it."""
-    total = sum(counts)
+def _share_threshold(counts: list[float], share: float, above: float = 0.0) -> float:
+    """The lowest bin edge with at most `share` of the jobs at or above it (`above`: jobs
+    counted above whatever the edge)."""
+    total = sum(counts) + above
     if total <= 0:
         return 0.5
-    above = 0.0
     best = 1.0 + 1e-9  # nothing to the frontier
     for b in range(BINS - 1, -1, -1):
         above += counts[b]
