@@ -13,6 +13,7 @@ scorer's version, and is recorded on the job.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,7 +114,12 @@ class Triage:
         version = self.scorer.version
         small, top = self.ladder[0], self.ladder[-1]
         if job.route != C.ROUTE_AUTO:
-            return TriageDecision(job.route, "route", None, version)
+            if job.route in self.fleet:
+                return TriageDecision(job.route, "route", None, version)
+            # Checked at submission; a job sent before the ladder changed is routed here.
+            decided = self.decide(dataclasses.replace(job, route=C.ROUTE_AUTO))
+            why = f"route {job.route!r} is no tier of this ladder ({', '.join(self.ladder)})"
+            return dataclasses.replace(decided, reason=f"{why}; {decided.reason}")
         needed = job.estimated_prompt_tokens + job.max_tokens
         bottom = self.fleet.bottom
         if not bottom.fits(needed):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -73,3 +74,13 @@ def test_the_scorer_is_pluggable_by_import_path() -> None:
     assert load_scorer("workers.triage:RuleScorer").version == "rules-1"
     with pytest.raises(ConfigurationError, match="TIERFLEET_TRIAGE_SCORER='nope:X'"):
         load_scorer("nope:X")
+
+
+def test_a_route_to_a_tier_no_longer_on_the_ladder_is_routed_by_triage_and_says_so() -> None:
+    # Routes are checked at submission; a job queued before the ladder changed may name a
+    # tier that is gone: it is routed as `auto` would be, not lost.
+    spec = job()
+    stale = dataclasses.replace(spec, route="haiku")
+    decision = Triage(FixedScorer(0.9), threshold=0.5).decide(stale)
+    assert decision.tier == "frontier"
+    assert decision.reason.startswith("route 'haiku' is no tier of this ladder (slm, frontier); ")
