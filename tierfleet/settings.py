@@ -9,8 +9,9 @@ Secrets (`ANTHROPIC_API_KEY`, passwords inside `DATABASE_URL` / `REDIS_URL`) are
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Self
 from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
 
 from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator, model_validator
@@ -164,6 +165,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _the_ladder(self) -> Settings:
+        return self._build_ladder()
+
+    def _build_ladder(self) -> Settings:
         try:
             fleet = load_fleet(self.fleet_file) if self.fleet_file else default_fleet(self)
         except ConfigurationError as exc:
@@ -176,6 +180,15 @@ class Settings(BaseSettings):
                     f"tier {tier!r}; tiers are {', '.join(fleet.names)}"
                 )
         return self
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with `update` applied, its ladder rebuilt from the copy's values (the
+        default ladder is made of settings: a copy must not keep the old URLs, models or
+        timeouts)."""
+        copied = super().model_copy(update=update, deep=deep)
+        if update:
+            copied._build_ladder()
+        return copied
 
     @field_validator("database_url")
     @classmethod
