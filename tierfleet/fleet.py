@@ -308,7 +308,7 @@ def _tier(entry: Mapping[str, Any], at: str, *, top: bool) -> Tier:
         raise ConfigurationError(f"{at}: model is empty")
     env = entry.get("api_key_env")
     if env is not None and (_KEY_LIKE.match(env) or not _ENV_NAME.match(env)):
-        what = "looks like a key" if _KEY_LIKE.match(env) or len(env) >= 32 else "is not"
+        what = "looks like a key, not" if _KEY_LIKE.match(env) or len(env) >= 32 else "is not"
         raise ConfigurationError(  # the value is never shown: it may be a key
             f"{at}: api_key_env {what} a variable name: give the NAME of the variable "
             'that holds the key (e.g. api_key_env = "OPENAI_API_KEY") and keep the key '
