@@ -132,6 +132,30 @@ def test_strict_mode_is_used_exactly_where_the_schema_allows(
         assert "minLength" not in json.dumps(copy)
 
 
+def test_on_openais_api_a_non_object_schema_is_wrapped_and_its_answer_unwrapped(
+    fake_openai: FakeOpenAI,
+) -> None:
+    b = backend(fake_openai, official=True)  # as OpenAI's API: the root must be an object
+    schema = {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}, "minItems": 1}
+    completion = b.complete(job(output_schema=schema, max_tokens=40), timeout_s=5)
+    [request] = fake_openai.requests
+    fmt = request["response_format"]["json_schema"]
+    assert fmt["strict"] is True and fmt["schema"]["required"] == ["value"]
+    assert fmt["schema"]["properties"]["value"]["items"] == schema["items"]
+    assert request["max_completion_tokens"] == 40 and "max_tokens" not in request.body
+    answer = json.loads(completion.text)
+    assert isinstance(answer, list) and set(answer) <= {"a", "b"}
+    compatible = backend(fake_openai)
+    assert compatible.response_format(job(output_schema=schema)) == {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": schema, "strict": False},
+        }
+    }  # a compatible server takes the schema as it is
+    b.close()
+    compatible.close()
+
+
 def test_logprobs_are_asked_for_only_when_the_tier_says_so(fake_openai: FakeOpenAI) -> None:
     quiet, asking = backend(fake_openai), backend(fake_openai, logprobs=True)
     assert quiet.complete(job(), timeout_s=5).mean_logprob is None

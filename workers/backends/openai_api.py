@@ -14,21 +14,27 @@ TGI, ...), through the official `openai` SDK (Chat Completions).
   them on the answer). A schema that cannot be strict without changing what it accepts
   (an optional property, an open object, a composition) is sent as it is, with
   `strict: false`: the model follows it as guidance and the validator decides.
+- On OpenAI's API the root of a schema must be an object: a job's array (or string, ...)
+  schema is wrapped as the one property `value` of an object, and the answer unwrapped.
 - Token logprobs are asked for only when the tier says so (`logprobs = true`).
 - Usage: OpenAI counts cached prompt tokens inside `prompt_tokens` and reports them in
   `prompt_tokens_details.cached_tokens`; they are booked as cache reads (priced with the
   model's cache-read multiplier) and the rest as input.
 - The SDK's retries are off; the escalation policy owns retries (`faults.py`).
 
-`vllm.py` is this backend plus vLLM's own parts. Imported only by a worker that serves an
+Attempts are booked with provider `openai` on every `openai` rung, a compatible server's
+too (the tier names the server, the model its model). `vllm.py` is this backend plus
+vLLM's own parts. Imported only by a worker that serves an
 `openai` or `vllm` rung.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Final
 
 import openai
@@ -51,6 +57,7 @@ PROVIDER = "openai"
 NO_KEY = "EMPTY"  # what a server that checks no key is sent (the SDK insists on one)
 MAX_DEPTH: Final = 10  # OpenAI's strict-mode limits
 MAX_PROPERTIES: Final = 5000
+WRAPPED: Final = "value"  # the property a non-object schema is wrapped in, on OpenAI's API
 
 
 class OpenAIBackend:
@@ -69,7 +76,10 @@ class OpenAIBackend:
         api_key: str | None = None,
         logprobs: bool = False,
         max_connections: int = 64,
+        official: bool | None = None,
     ) -> None:
+        """`official`: whether the endpoint speaks as OpenAI's own API does (a gateway in
+        front of it, say); None: whether `base_url` is OpenAI's."""
         self.tier = tier
         self.model = model
         self.base_url = base_url
@@ -82,7 +92,9 @@ class OpenAIBackend:
         )
         # OpenAI's own API has replaced `max_tokens` (refused by its reasoning models);
         # the compatible servers all know `max_tokens`, not all the new name.
-        self._max_tokens_key = "max_completion_tokens" if is_openai_api(base_url) else "max_tokens"
+        official = is_openai_api(base_url) if official is None else official
+        self._max_tokens_key = "max_completion_tokens" if official else "max_tokens"
+        self._wraps = official  # OpenAI's API takes only an object at a schema's root
 
     def __repr__(self) -> str:  # never the key
         return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r})"
@@ -91,7 +103,10 @@ class OpenAIBackend:
         request = self.build_request(job)
         with sdk_faults(self.provider, openai, timeout_s):
             response = self._client.chat.completions.create(**request, timeout=timeout_s)
-        return read_completion(response, provider=self.provider, cache_reads=self.cache_reads)
+        completion = read_completion(response, provider=self.provider, cache_reads=self.cache_reads)
+        if self._wrapped(job):
+            completion = replace(completion, text=unwrap(completion.text))
+        return completion
 
     def build_request(self, job: JobSpec) -> dict[str, Any]:
         """The `chat.completions.create` arguments for `job`."""
@@ -109,12 +124,31 @@ class OpenAIBackend:
         """`response_format` for the job's output schema: strict where it can be."""
         if job.output_schema is None:
             return {}
-        strict = strict_schema(job.output_schema)
-        schema = strict if strict is not None else dict(job.output_schema)
+        original = dict(job.output_schema)
+        if self._wrapped(job):
+            original = {"type": "object", "properties": {WRAPPED: original}, "required": [WRAPPED]}
+        strict = strict_schema(original)
+        schema = strict if strict is not None else original
         return json_schema_format(job, schema, strict=strict is not None)
+
+    def _wrapped(self, job: JobSpec) -> bool:
+        schema = job.output_schema
+        return self._wraps and schema is not None and schema.get("type") != "object"
 
     def close(self) -> None:
         self._client.close()
+
+
+def unwrap(text: str) -> str:
+    """The answer inside a wrapped one (`{"value": ...}`); anything else is left as it
+    is, for the validator to refuse."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(value, dict) and set(value) == {WRAPPED}:
+        return json.dumps(value[WRAPPED])
+    return text
 
 
 def chat_messages(job: JobSpec) -> list[dict[str, str]]:
