@@ -14,7 +14,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tierfleet import cli_api, cli_batch, cli_batches, cli_budgets, cli_ops, cli_triage
+from tierfleet import (
+    cli_api,
+    cli_batch,
+    cli_batches,
+    cli_budgets,
+    cli_fleet,
+    cli_ops,
+    cli_triage,
+)
 from tierfleet.cli_common import (
     Exit,
     FleetFile,
@@ -36,6 +44,7 @@ db_app = typer.Typer(help="The ledger database.", no_args_is_help=True)
 job_app = typer.Typer(help="Look at single jobs.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(job_app, name="job")
+app.add_typer(cli_fleet.fleet_app, name="fleet")
 app.add_typer(cli_triage.triage_app, name="triage")
 app.add_typer(cli_budgets.budgets_app, name="budgets")
 app.add_typer(cli_batches.batches_app, name="batches")

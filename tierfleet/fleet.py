@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
+from urllib.parse import urlsplit
 
 from tierfleet import constants as C
 from tierfleet.errors import ConfigurationError
@@ -241,6 +242,8 @@ _KEYS: Final[Mapping[str, type | tuple[type, ...]]] = {
 }
 _REQUIRED: Final = ("name", "backend", "model")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# How provider keys begin (OpenAI, Anthropic, Groq, Hugging Face, xAI, AWS, GitHub ...).
+_KEY_LIKE = re.compile(r"^(sk-|sk_|gsk_|hf_|xai-|AKIA|ghp_|github_pat_|Bearer\s)")
 _QUEUE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
@@ -280,7 +283,12 @@ def parse_fleet(doc: Mapping[str, Any], *, source: Path | None = None) -> Fleet:
 def _tier(entry: Mapping[str, Any], at: str, *, top: bool) -> Tier:
     for key, value in entry.items():
         if key not in _KEYS:
-            raise ConfigurationError(f"{at}: unknown key {key!r}; keys are {', '.join(_KEYS)}")
+            hint = (
+                "; give the NAME of the variable that holds the key as api_key_env"
+                if key in ("api_key", "key", "token", "secret")
+                else f"; keys are {', '.join(_KEYS)}"
+            )
+            raise ConfigurationError(f"{at}: unknown key {key!r}{hint}")
         kind = _KEYS[key]
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             want = "a number" if key.startswith("timeout") else _type_name(kind)
@@ -299,10 +307,12 @@ def _tier(entry: Mapping[str, Any], at: str, *, top: bool) -> Tier:
     if not model.strip():
         raise ConfigurationError(f"{at}: model is empty")
     env = entry.get("api_key_env")
-    if env is not None and not _ENV_NAME.match(env):
-        raise ConfigurationError(
-            f"{at}: api_key_env {env!r} is not a variable name (give the name of the "
-            "variable that holds the key, never the key)"
+    if env is not None and (_KEY_LIKE.match(env) or not _ENV_NAME.match(env)):
+        what = "looks like a key, not" if _KEY_LIKE.match(env) or len(env) >= 32 else "is not"
+        raise ConfigurationError(  # the value is never shown: it may be a key
+            f"{at}: api_key_env {what} a variable name: give the NAME of the variable "
+            'that holds the key (e.g. api_key_env = "OPENAI_API_KEY") and keep the key '
+            "in the environment"
         )
     url = entry.get("base_url")
     if url is not None and not url.startswith(("http://", "https://")):
@@ -357,6 +367,26 @@ _BACKEND_DEFAULTS: Final[Mapping[str, Mapping[str, Any]]] = {
         "timeout_s": 120.0, "timeout_per_token_s": 0.0, "replicas_min": 0, "replicas_max": 20,
     },
 }  # fmt: skip
+
+
+def is_openai_api(base_url: str | None) -> bool:
+    """Whether an `openai` rung at `base_url` is on OpenAI's own API (None: the SDK's
+    default URL, which is)."""
+    return base_url is None or urlsplit(base_url).hostname == "api.openai.com"
+
+
+def pool_needs(tier: Tier, *, base_url: str | None, has_key: bool) -> str | None:
+    """What `tier`'s pool lacks to start (None: nothing): a vllm rung its server's URL,
+    an anthropic rung, or an openai rung on OpenAI's API, its key. (A compatible server
+    may check no key.)"""
+    if tier.backend == "vllm" and not base_url:
+        return tier.url_env or "base_url"
+    key_needed = tier.backend == "anthropic" or (
+        tier.backend == "openai" and is_openai_api(base_url)
+    )
+    if key_needed and not has_key:
+        return tier.api_key_env or "api_key_env"
+    return None
 
 
 def _type_name(kind: type | tuple[type, ...]) -> str:

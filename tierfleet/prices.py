@@ -77,6 +77,9 @@ class PriceBook:
                 f"model {model!r} has no price in {self.source}; add a [models.{model!r}] table"
             ) from None
 
+    def get(self, model: str) -> ModelPrice | None:
+        return self._prices.get(model)
+
     def __contains__(self, model: object) -> bool:
         return model in self._prices
 

@@ -16,7 +16,7 @@ from celery import Celery
 
 from tierfleet.db import Ledger, engine_from_settings
 from tierfleet.errors import ConfigurationError
-from tierfleet.fleet import Tier
+from tierfleet.fleet import Tier, pool_needs
 from tierfleet.metrics import Metrics
 from tierfleet.prices import PriceBook
 from tierfleet.settings import Settings
@@ -171,20 +171,39 @@ def _simulated(settings: Settings, tier: Tier) -> SimulatedBackend:
 
 
 def _openai(settings: Settings, tier: Tier, max_connections: int) -> ModelBackend:
+    """A `vllm` rung needs its server's URL; an `openai` rung without one is on OpenAI's
+    API, which needs a key (a compatible server may check none)."""
     url = settings.tier_base_url(tier)
-    if not url:
-        example = "http://vllm:8000/v1" if tier.backend == "vllm" else "https://api.openai.com/v1"
-        raise ConfigurationError(
-            f"tier {tier.name!r} ({tier.backend}) needs a base URL: {tier.url_env or 'base_url'} "
-            f"(e.g. {example}), or TIERFLEET_BACKEND=sim for simulated models"
-        )
-    from workers.backends.vllm import VLLMBackend
+    key = settings.tier_api_key(tier)
+    if tier.backend == "vllm":
+        if not url:
+            raise ConfigurationError(
+                f"tier {tier.name!r} (vllm) needs a base URL: {tier.url_env or 'base_url'} "
+                "(e.g. http://vllm:8000/v1), or TIERFLEET_BACKEND=sim for simulated models"
+            )
+        from workers.backends.vllm import VLLMBackend
 
-    return VLLMBackend(
+        return VLLMBackend(
+            base_url=url,
+            model=tier.model,
+            tier=tier.name,
+            api_key=key,
+            logprobs=tier.logprobs,
+            max_connections=max_connections,
+        )
+    from workers.backends.openai_api import OpenAIBackend
+
+    if pool_needs(tier, base_url=url, has_key=key is not None):
+        raise ConfigurationError(
+            f"tier {tier.name!r} (openai) needs {tier.api_key_env} for OpenAI's API (or a "
+            "base_url for a compatible server), or TIERFLEET_BACKEND=sim for simulated models"
+        )
+    return OpenAIBackend(
         base_url=url,
         model=tier.model,
         tier=tier.name,
-        api_key=settings.tier_api_key(tier),
+        api_key=key,
+        logprobs=tier.logprobs,
         max_connections=max_connections,
     )
 

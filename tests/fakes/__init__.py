@@ -23,7 +23,7 @@ from tests.fakes.actions import (
     split_tokens,
 )
 from tests.fakes.anthropic_server import FakeAnthropic, prompt_blocks
-from tests.fakes.openai_server import DEFAULT_MODEL, FakeVLLM
+from tests.fakes.openai_server import DEFAULT_MODEL, FakeOpenAI, FakeVLLM
 from tests.fakes.server import FakeServer, RecordedRequest
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "Drop",
     "Error",
     "FakeAnthropic",
+    "FakeOpenAI",
     "FakeServer",
     "FakeVLLM",
     "Hang",

@@ -10,6 +10,10 @@
   `vllm:num_requests_waiting` (the `waiting` attribute).
 - `GET /v1/models`, `GET /health`.
 
+`FakeOpenAI` is OpenAI's own API on the same wire format: a bearer key checked, cached
+prompt tokens reported in `usage.prompt_tokens_details`, and a `strict` json_schema refused
+with OpenAI's 400 unless every object is closed and requires all its properties.
+
 Errors use vLLM's body: `{"error": {"message", "type", "param", "code"}}`.
 """
 
@@ -37,7 +41,7 @@ from tests.fakes.actions import (
 )
 from tests.fakes.server import FakeServer, new_id, retry_after_header
 
-__all__ = ["FakeVLLM"]
+__all__ = ["FakeOpenAI", "FakeVLLM"]
 
 DEFAULT_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 _JSON_OBJECT_SCHEMA = {
@@ -156,12 +160,12 @@ class FakeVLLM(FakeServer):
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": None,
         }
         if isinstance(action, Answer) and action.usage:
             usage.update(action.usage)
             if "total_tokens" not in action.usage:
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        usage["prompt_tokens_details"] = self.prompt_tokens_details(usage["prompt_tokens"])
         logprobs = None
         if body.get("logprobs"):
             mean = action.mean_logprob if isinstance(action, Answer) else Answer().mean_logprob
@@ -196,6 +200,10 @@ class FakeVLLM(FakeServer):
             "prompt_logprobs": None,
         }
         return JSONResponse(completion, headers={"x-request-id": completion["id"]})
+
+    def prompt_tokens_details(self, prompt_tokens: int) -> dict[str, int] | None:
+        """`usage.prompt_tokens_details` (vLLM: none unless asked for)."""
+        return None
 
     # --- other endpoints ---------------------------------------------------------------
 
@@ -301,3 +309,87 @@ def _default_error_type(status: int) -> str:
     except ValueError:
         return "Error"
     return phrase if phrase.endswith("Error") else f"{phrase}Error"
+
+
+class FakeOpenAI(FakeVLLM):
+    """A fake of OpenAI's API. Attributes: `api_key` (when set, a request without
+    `Authorization: Bearer <api_key>` gets OpenAI's 401), `cached_tokens` (reported in
+    `usage.prompt_tokens_details.cached_tokens`, at most the prompt; `reset()` sets 0)."""
+
+    name = "fake-openai"
+
+    def __init__(
+        self, *, model: str = "gpt-4o-mini", api_key: str | None = None, latency_s: float = 0.0
+    ) -> None:
+        super().__init__(model=model, latency_s=latency_s)
+        self.api_key = api_key
+        self.cached_tokens = 0
+
+    def _reset_state(self) -> None:
+        super()._reset_state()
+        self.cached_tokens = 0
+
+    def validate(self, request: Request, body: Any) -> Response | None:
+        bearer = request.headers.get("authorization")
+        if self.api_key is not None and bearer != f"Bearer {self.api_key}":
+            return self.error_response(
+                401,
+                "Incorrect API key provided. You can find your API key at "
+                "https://platform.openai.com/account/api-keys.",
+                type="invalid_request_error",
+            )
+        rejected = super().validate(request, body)
+        if rejected is not None:
+            return rejected
+        fmt = body.get("response_format")
+        if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema":
+            spec = fmt.get("json_schema") or {}
+            if spec.get("strict"):
+                problem = strict_problem(spec.get("schema"), ())
+                if problem is not None:
+                    return self.error_response(
+                        400,
+                        f"Invalid schema for response_format '{spec.get('name')}': {problem}",
+                        type="invalid_request_error",
+                        param="response_format",
+                    )
+        return None
+
+    def prompt_tokens_details(self, prompt_tokens: int) -> dict[str, int] | None:
+        return {"cached_tokens": min(self.cached_tokens, prompt_tokens), "audio_tokens": 0}
+
+
+def strict_problem(schema: Any, where: tuple[str, ...]) -> str | None:
+    """What OpenAI's strict mode refuses in `schema` (the rules it checks most often)."""
+    if not isinstance(schema, Mapping):
+        return f"In context={where}, schema must be a JSON Schema object."
+    if not where and schema.get("type") != "object":
+        return "schema must be a JSON Schema of 'type: \"object\"'."
+    for word in ("allOf", "oneOf", "not", "if", "then", "else", "patternProperties"):
+        if word in schema:
+            return f"In context={where}, '{word}' is not permitted."
+    props = schema.get("properties")
+    if schema.get("type") == "object" or props is not None:
+        if schema.get("additionalProperties") is not False:
+            return (
+                f"In context={where}, 'additionalProperties' is required to be supplied "
+                "and to be false."
+            )
+        missing = [k for k in props or {} if k not in (schema.get("required") or [])]
+        if missing:
+            return (
+                f"In context={where}, 'required' is required to be supplied and to be an "
+                f"array including every key in properties. Missing '{missing[0]}'."
+            )
+    children: list[tuple[tuple[str, ...], Any]] = [
+        ((*where, "properties", k), v) for k, v in (props or {}).items()
+    ]
+    if "items" in schema:
+        children.append(((*where, "items"), schema["items"]))
+    children += [((*where, "anyOf", str(i)), v) for i, v in enumerate(schema.get("anyOf", []))]
+    children += [((*where, "$defs", k), v) for k, v in (schema.get("$defs") or {}).items()]
+    for place, child in children:
+        problem = strict_problem(child, place)
+        if problem is not None:
+            return problem
+    return None
