@@ -81,7 +81,9 @@ class Tier:
     def __post_init__(self) -> None:
         if not self.queue:
             object.__setattr__(self, "queue", f"tier.{self.name}")
-        if self.api_key_env is None:
+        if self.api_key_env is None and not (
+            self.backend == "openai" and self.base_url and not is_openai_api(self.base_url)
+        ):  # OPENAI_API_KEY goes to OpenAI only, never to another server by default
             object.__setattr__(self, "api_key_env", DEFAULT_KEY_ENV[self.backend])
 
     @property

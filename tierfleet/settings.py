@@ -9,8 +9,8 @@ Secrets (`ANTHROPIC_API_KEY`, passwords inside `DATABASE_URL` / `REDIS_URL`) are
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
 

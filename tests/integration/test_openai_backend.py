@@ -257,12 +257,14 @@ def test_an_openai_ladder_escalates_mini_to_gpt4o_and_books_each_model(
         backend = "openai"
         model = "gpt-4o-mini"
         base_url = "{fake_openai.base_url}"
+        api_key_env = "OPENAI_API_KEY"
         logprobs = true
         [[tier]]
         name = "gpt4o"
         backend = "openai"
         model = "gpt-4o"
         base_url = "{fake_openai.base_url}"
+        api_key_env = "OPENAI_API_KEY"
         """,
     )
     rt = Runtime.build(

@@ -115,3 +115,17 @@ def test_what_a_pool_needs_to_start() -> None:
     assert pool_needs(sonnet, base_url=None, has_key=False) == "ANTHROPIC_API_KEY"
     assert pool_needs(sonnet, base_url=None, has_key=True) is None
     assert is_openai_api(None) and not is_openai_api("http://api.openai.com.evil.test/v1")
+
+
+def test_an_openai_key_goes_to_openais_api_only_unless_a_tier_names_it() -> None:
+    fleet = parse_fleet(
+        {
+            "tier": [
+                {"name": "local", "backend": "openai", "model": "m", "base_url": "http://h:1/v1"},
+                {"name": "named", "backend": "openai", "model": "m", "base_url": "http://h:1/v1",
+                 "api_key_env": "OPENAI_API_KEY"},
+                {"name": "mini", "backend": "openai", "model": "gpt-4o-mini"},
+            ]
+        }
+    )  # fmt: skip
+    assert [t.api_key_env for t in fleet] == [None, "OPENAI_API_KEY", "OPENAI_API_KEY"]
