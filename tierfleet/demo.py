@@ -232,13 +232,17 @@ def run_demo(settings: Settings, *, jobs: int, concurrency: int, console: Consol
         )
         console.print(describe_ladder(settings, where))
         client = Client(settings, ledger, app)
-        batch_id = f"demo-{uuid.uuid4().hex[:12]}"
+        # A temporary ledger and an in-process broker are this run's alone: the same job
+        # ids on every run, so that the router's exploration (drawn from the job id)
+        # picks the same jobs.
+        alone = broker is None and settings.database_url_value() is None
+        batch_id = "demo" if alone else f"demo-{uuid.uuid4().hex[:12]}"
         with ledger.session() as s:
             s.add(Batch(id=batch_id, name="examples/jobs.jsonl", options={}, job_count=jobs))
         with worker_threads(app, all_queues(settings), concurrency), _progress(console) as bar:
             task = bar.add_task("submitting", total=jobs)
-            for envelope in example_jobs(jobs, batch_id, ladder=fleet.names):
-                client.submit(envelope, batch_id=batch_id)
+            for i, envelope in enumerate(example_jobs(jobs, batch_id, ladder=fleet.names), 1):
+                client.submit({**envelope, "id": f"{batch_id}.{i}"}, batch_id=batch_id)
                 bar.advance(task)
             bar.update(task, description="running", completed=0)
             _wait_for_batch(ledger, batch_id, jobs, lambda done: bar.update(task, completed=done))
