@@ -144,15 +144,18 @@ def _with(settings: Settings, **changes: object) -> Settings:
         raise ConfigurationError(f"the demo's ladder: {'; '.join(problems)}") from None
 
 
-def describe_ladder(settings: Settings, where: str) -> str:
-    """One line for the ladder: each rung, its model and backend, and what is simulated."""
+def describe_ladder(settings: Settings, where: str) -> list[str]:
+    """The ladder, a line for each rung: its model and backend, what is simulated, and
+    how often the simulated model answers invalidly (the easiest kind to the hardest)."""
     from workers.backends.sim import KIND_ODDS, invalid_chance, rung_invalid_rate
 
     fleet = settings.fleet
-    rungs = []
+    gpu = "" if any(t.backend == "vllm" for t in fleet) else "; no GPU rung: every rung is an API"
+    lines = [f"{escape(where)}, cheapest first{gpu}:"]
     for i, tier in enumerate(fleet):
+        line = f"  {i + 1}. {tier.name}: {escape(tier.model)}"
         if not settings.simulated(tier):
-            rungs.append(f"{tier.name} ({tier.model}, {tier.backend})")
+            lines.append(f"{line} ({tier.backend})")
             continue
         rate = rung_invalid_rate(
             settings.sim_invalid_rate, settings.sim_frontier_invalid_rate, i, len(fleet)
@@ -160,13 +163,8 @@ def describe_ladder(settings: Settings, where: str) -> str:
         chances = [invalid_chance(rate, kind) for kind in KIND_ODDS]
         low, high = min(chances), max(chances)
         invalid = f"{low:.0%}" if high - low < 0.005 else f"{low:.0%} to {high:.0%}"
-        rungs.append(
-            f"{tier.name} ({tier.model}, [yellow]simulated[/] {tier.backend}, {invalid} invalid)"
-        )
-    line = f"{escape(where)}: " + " → ".join(rungs)
-    if not any(t.backend == "vllm" for t in fleet):
-        line += "; no GPU rung: every rung is an API model"
-    return line
+        lines.append(f"{line} ([yellow]simulated[/] {tier.backend}; {invalid} of answers invalid)")
+    return lines
 
 
 @contextmanager
@@ -230,7 +228,8 @@ def run_demo(settings: Settings, *, jobs: int, concurrency: int, console: Consol
                 else "real model backends"
             )
         )
-        console.print(describe_ladder(settings, where))
+        for line in describe_ladder(settings, where):
+            console.print(line)
         client = Client(settings, ledger, app)
         # A temporary ledger and an in-process broker are this run's alone: the same job
         # ids on every run, so that the router's exploration (drawn from the job id)
