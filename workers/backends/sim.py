@@ -81,7 +81,7 @@ def rung_invalid_rate(bottom: float, top: float, position: int, rungs: int) -> f
     """The rate of rung `position` (0: the bottom) of a ladder of `rungs`: `bottom` on
     the bottom rung, `top` on the top one (a ladder of one rung is its top), in a straight
     line between."""
-    if rungs <= 1:
+    if position >= rungs - 1:
         return top
     return bottom + (top - bottom) * position / (rungs - 1)
 
