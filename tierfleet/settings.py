@@ -144,7 +144,10 @@ class Settings(BaseSettings):
 
     prices_file: Path | None = None
 
-    # Simulated backends.
+    # Simulated backends (`workers/backends/sim.py`). The invalid rate is the bottom rung's,
+    # the frontier one the top rung's, in a straight line between for middle rungs; the
+    # kind of job (`metadata.kind`) scales it: classification and extraction fail less,
+    # reasoning and code more. Outcomes are fixed by the seed and the job's content.
     sim_latency_s: float = Field(0.2, ge=0, validation_alias=_alias("TIERFLEET_SIM_LATENCY_S"))
     sim_invalid_rate: float = Field(
         0.15, ge=0, le=1, validation_alias=_alias("TIERFLEET_SIM_INVALID_RATE")

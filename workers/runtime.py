@@ -21,7 +21,7 @@ from tierfleet.metrics import Metrics
 from tierfleet.prices import PriceBook
 from tierfleet.settings import Settings
 from workers.backends.base import ModelBackend
-from workers.backends.sim import SimulatedBackend
+from workers.backends.sim import SimulatedBackend, rung_invalid_rate
 from workers.budgets import Budgets
 from workers.policy import EscalationPolicy
 from workers.triage import Scorer, Triage
@@ -159,14 +159,23 @@ def make_backends(
 
 
 def _simulated(settings: Settings, tier: Tier) -> SimulatedBackend:
-    top = settings.fleet.is_top(tier.name)
-    rate = settings.sim_frontier_invalid_rate if top else settings.sim_invalid_rate
+    """A stand-in for `tier`'s model: its rate of invalid answers from its place on the
+    ladder (TIERFLEET_SIM_INVALID_RATE at the bottom, ..._FRONTIER_... at the top)."""
+    fleet = settings.fleet
+    rate = rung_invalid_rate(
+        settings.sim_invalid_rate,
+        settings.sim_frontier_invalid_rate,
+        fleet.index(tier.name),
+        len(fleet),
+    )
     return SimulatedBackend(
         tier=tier.name,
         model=tier.model,
         mean_latency_s=settings.sim_latency_s,
         invalid_rate=rate,
         seed=settings.sim_seed,
+        provider="sim" if tier.backend == "sim" else f"sim-{tier.backend}",
+        logprobs=tier.logprobs,
     )
 
 

@@ -23,7 +23,7 @@ from tierfleet.transport import make_celery
 runner = CliRunner()
 SUMMARY = re.compile(
     r"^summary: jobs=(\d+) succeeded=(\d+) failed=(\d+) escalated=(\d+) "
-    r"cost_usd=([\d.]+) baseline_usd=([\d.]+) savings_pct=(-?[\d.]+)$"
+    r"cost_usd=([\d.]+) baseline_usd=([\d.]+) savings_pct=(-?[\d.]+) tiers=([a-z0-9_:.,]+)$"
 )
 
 

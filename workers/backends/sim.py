@@ -1,10 +1,21 @@
-"""Simulated model backends: deterministic stand-ins for vLLM and Claude.
+"""Simulated model backends: deterministic stand-ins for the models of a ladder.
 
-Clearly labelled as simulated (provider `sim-vllm` / `sim-anthropic`). For a given seed,
-job id and tier, the latency, the token counts and whether the answer is valid are always
-the same. Answers to jobs with an output schema are built from the schema; a share of
-small-tier answers (`TIERFLEET_SIM_INVALID_RATE`) are wrong in the ways small models are
-wrong: prose around the JSON, a missing required field, an answer cut off at max_tokens.
+Clearly labelled as simulated (provider `sim-vllm`, `sim-anthropic`, `sim-openai`: `sim-`
+and the backend the tier stands in for). For a given seed, job content and tier, the
+latency, the token counts and whether the answer is valid are always the same. Answers to
+jobs with an output schema are built from the schema; invalid ones are wrong in the ways
+small models are wrong: prose around the JSON, a missing required field, an answer cut
+off at max_tokens.
+
+How often a rung answers invalidly depends on the rung and the kind of job:
+
+- the rung's rate: `TIERFLEET_SIM_INVALID_RATE` on the bottom rung,
+  `TIERFLEET_SIM_FRONTIER_INVALID_RATE` on the top, in a straight line between for the
+  rungs in the middle (`rung_invalid_rate`);
+- the kind (`metadata.kind`) scales the odds of that rate (`KIND_ODDS`): mechanical work
+  (classification, extraction) fails less, reasoning and code much more, so they fail
+  most on the low rungs; a job of another kind, or none, fails at the rung's rate. A rate
+  of 0 or 1 stays 0 or 1 for every kind.
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ import json
 import random
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import rstr
 
@@ -55,6 +66,35 @@ _WORDS = [
 ]
 
 
+# How much harder than ordinary work (a short summary, or a job with no kind) each kind
+# of job is for a model: the factor on the odds of an invalid answer.
+KIND_ODDS: Final[Mapping[str, float]] = {
+    "classification": 0.35,
+    "extraction": 0.5,
+    "summary": 1.0,
+    "reasoning": 6.0,
+    "code": 8.0,
+}
+
+
+def rung_invalid_rate(bottom: float, top: float, position: int, rungs: int) -> float:
+    """The rate of rung `position` (0: the bottom) of a ladder of `rungs`: `bottom` on
+    the bottom rung, `top` on the top one (a ladder of one rung is its top), in a straight
+    line between."""
+    if position >= rungs - 1:
+        return top
+    return bottom + (top - bottom) * position / (rungs - 1)
+
+
+def invalid_chance(rate: float, kind: object, odds: Mapping[str, float] = KIND_ODDS) -> float:
+    """The chance of an invalid answer to a job of `kind` on a rung of `rate`."""
+    factor = odds.get(kind, 1.0) if isinstance(kind, str) else 1.0
+    if rate <= 0.0 or rate >= 1.0 or factor == 1.0:
+        return rate
+    scaled = rate / (1.0 - rate) * factor
+    return scaled / (1.0 + scaled)
+
+
 class SimulatedBackend:
     """A `ModelBackend` that sleeps for its latency and makes up a plausible answer."""
 
@@ -66,13 +106,22 @@ class SimulatedBackend:
         mean_latency_s: float,
         invalid_rate: float,
         seed: int = 0,
+        provider: str | None = None,
+        logprobs: bool | None = None,
+        kind_odds: Mapping[str, float] = KIND_ODDS,
     ) -> None:
         self.tier = tier
         self.model = model
-        self.provider = "sim-vllm" if tier == "slm" else "sim-anthropic"
+        # None: as the default ladder's two tiers (slm: vLLM with logprobs; else Claude)
+        self.provider = provider or ("sim-vllm" if tier == "slm" else "sim-anthropic")
+        self.logprobs = tier == "slm" if logprobs is None else logprobs
         self.mean_latency_s = mean_latency_s
         self.invalid_rate = invalid_rate
+        self.kind_odds = kind_odds
         self.seed = seed
+
+    def invalid_chance(self, job: JobSpec) -> float:
+        return invalid_chance(self.invalid_rate, job.metadata.get("kind"), self.kind_odds)
 
     def _rng(self, job: JobSpec) -> random.Random:
         content = json.dumps(job.payload(), sort_keys=True)
@@ -82,7 +131,7 @@ class SimulatedBackend:
     def complete(self, job: JobSpec, *, timeout_s: float) -> Completion:
         rng = self._rng(job)
         latency_s = self.mean_latency_s * rng.uniform(0.5, 1.5)
-        invalid = rng.random() < self.invalid_rate
+        invalid = rng.random() < self.invalid_chance(job)
         if latency_s > timeout_s:
             time.sleep(timeout_s)
             raise ProviderTimeout(f"simulated {self.tier} call exceeded {timeout_s:.1f}s")
@@ -101,7 +150,7 @@ class SimulatedBackend:
                 finish_reason = "length"
         output_tokens = min(job.max_tokens, max(1, len(text) // 4))
         usage = Usage(input_tokens=job.estimated_prompt_tokens, output_tokens=output_tokens)
-        logprob = -rng.uniform(0.05, 0.6) if self.tier == "slm" else None
+        logprob = -rng.uniform(0.05, 0.6) if self.logprobs else None
         return Completion(text=text, usage=usage, finish_reason=finish_reason, mean_logprob=logprob)
 
 
