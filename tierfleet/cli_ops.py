@@ -195,13 +195,31 @@ def _depth_table(d: Depth) -> Table:
     return table
 
 
-def scale(as_json: JsonFlag = False) -> None:
-    """Replicas each pool needs to drain its queue within TIERFLEET_SCALE_DRAIN_S, at the
-    per-worker throughput the ledger shows, within each pool's min and max."""
+def scale(
+    as_json: JsonFlag = False,
+    keda: Annotated[
+        bool,
+        typer.Option(
+            "--keda",
+            help="Print a KEDA ScaledObject per pool (triage and every tier), its listLength "
+            "from the measured throughput; reads the ledger, not Redis.",
+        ),
+    ] = False,
+) -> None:
+    """Replicas each pool (triage and every tier of the ladder) needs to drain its queues
+    within TIERFLEET_SCALE_DRAIN_S, at the per-worker throughput the ledger shows (the
+    tier's concurrency over its mean latency, or its timeout before any is measured),
+    within each pool's min and max (a tier's replicas_min and replicas_max)."""
     from workers.depth import read
-    from workers.scale import recommend
+    from workers.scale import per_worker_rates, recommend
 
     settings = load_settings()
+    if keda:
+        from workers.keda import manifests
+
+        with open_ledger(settings) as ledger:
+            print(manifests(settings, per_worker_rates(settings, ledger)), end="")
+        return
     client = _broker_client(settings)
     with open_ledger(settings) as ledger:
         recs = recommend(settings, ledger, read(settings, ledger, client, vllm=False))

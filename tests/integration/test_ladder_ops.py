@@ -196,6 +196,29 @@ def test_depth_and_scale_show_every_pool_of_the_ladder(
     assert set(tagged(C.METRIC_QUEUE_DEPTH)) == {"", *LADDER}  # triage has no tier
 
 
+def test_scale_keda_prints_a_scaled_object_for_every_pool(ladder: Runtime) -> None:
+    import yaml
+
+    _attempts(ladder, "haiku", 10, 2000)  # 4 jobs/s a worker
+    docs = list(yaml.safe_load_all(_cli("scale", "--keda").stdout))
+    by_name = {d["metadata"]["name"]: d["spec"] for d in docs}
+    assert list(by_name) == ["tierfleet-triage", "tierfleet-small", "tierfleet-haiku",
+                             "tierfleet-sonnet"]  # fmt: skip
+    for spec, queue in zip(by_name.values(), ["triage", "tier.small", "tier.haiku", "tier.sonnet"],
+                           strict=True):  # fmt: skip
+        (trigger,) = spec["triggers"]
+        assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == queue
+    small, haiku = by_name["tierfleet-small"], by_name["tierfleet-haiku"]
+    assert (small["minReplicaCount"], small["maxReplicaCount"], small["cooldownPeriod"]) == (
+        1,
+        6,
+        1800,
+    )  # the GPU rung stays warm and cools down slowly
+    assert (haiku["minReplicaCount"], haiku["maxReplicaCount"]) == (0, 10)
+    drain = ladder.settings.scale_drain_s
+    assert haiku["triggers"][0]["metadata"]["listLength"] == str(math.ceil(4 * drain))
+
+
 # --- the report -------------------------------------------------------------------------------
 
 
