@@ -1,4 +1,5 @@
-"""`tierfleet batches`: the frontier's Message Batches (half price, for jobs that can wait)."""
+"""`tierfleet batches`: Message Batches (half price, for jobs that can wait) on every tier
+of the ladder with `batch` (the default fleet's frontier)."""
 
 from __future__ import annotations
 
@@ -14,24 +15,41 @@ from tierfleet.cli_common import Exit, fail, load_settings, service_errors, tabl
 from tierfleet.errors import ConfigurationError, PermanentError, RetryableError, ServiceUnavailable
 
 batches_app = typer.Typer(
-    help="Provider message batches: frontier jobs with `latency: batch` are collected in "
-    "Postgres and sent to Anthropic's Message Batches API at its batch price. Beat runs "
-    "the sending and the ingesting every TIERFLEET_BATCH_INTERVAL_S on a frontier worker.",
+    help="Provider message batches: jobs with `latency: batch` on a tier with `batch = true` "
+    "(the default fleet's frontier) are collected in Postgres and sent to Anthropic's "
+    "Message Batches API at its batch price, each tier's in batches of its own. Beat runs "
+    "the sending and the ingesting every TIERFLEET_BATCH_INTERVAL_S on a worker of each "
+    "such tier.",
     invoke_without_command=True,
 )
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
+TierOpt = Annotated[
+    str | None,
+    typer.Option("--tier", help="This tier's batches alone (default: every tier with batch)."),
+]
+
+
+def _batch_tiers(settings: Any, tier: str | None) -> tuple[str, ...]:
+    """`tier` (checked against the ladder), or every tier with `batch`."""
+    if tier is not None:
+        return (settings.fleet.tier(tier).name,)
+    return tuple(t.name for t in settings.fleet if t.batch) or (settings.fleet.top.name,)
 
 
 @contextlib.contextmanager
-def _runtime(*, frontier: bool) -> Iterator[Any]:
+def _runtime(*, tiers: tuple[str, ...] | None = None, tier: str | None = None) -> Iterator[Any]:
+    """A runtime with the backends of `tier`, or of every batch tier when `tiers` is None
+    and none is given; `tiers=()`: no backend (the ledger alone)."""
     from tierfleet.db import check_ledger
     from workers.app import create_app
     from workers.runtime import Runtime
 
     settings = load_settings()
     try:
+        named = _batch_tiers(settings, tier)  # an unknown --tier: a usage error naming the tiers
+        wanted = named if tiers is None else tiers
         celery = create_app(settings)
-        rt = Runtime.build(settings, celery, tiers=("frontier",) if frontier else ())
+        rt = Runtime.build(settings, celery, tiers=wanted)
         check_ledger(rt.ledger)
     except ConfigurationError as exc:
         raise fail(str(exc), Exit.USAGE) from None
@@ -49,30 +67,33 @@ def _runtime(*, frontier: bool) -> Iterator[Any]:
 def show(
     ctx: typer.Context,
     limit: Annotated[int, typer.Option(min=1, help="How many, newest first.")] = 50,
+    tier: TierOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """List provider batches with their state and request counts, and how many requests
-    wait to be sent."""
+    """List provider batches with their tier, state and request counts, and how many
+    requests wait to be sent (per tier)."""
     if ctx.invoked_subcommand is not None:
         return
-    from workers.message_batches import listing
+    from workers.message_batches import listing, waiting_by_tier
 
-    with _runtime(frontier=False) as rt:
-        shown = listing(rt, limit=limit)
+    with _runtime(tiers=(), tier=tier) as rt:
+        shown = listing(rt, limit=limit, tier=tier)
+        per_tier = waiting_by_tier(rt)
     if as_json:
         print(json.dumps(shown))
         return
     out = table_console()
-    table = Table("batch", "provider id", "status", "requests", "succeeded", "errored",
+    table = Table("batch", "tier", "provider id", "status", "requests", "succeeded", "errored",
                   "expired", "canceled", "ingested", "created")  # fmt: skip
     for b in shown["batches"]:
         table.add_row(
-            b["id"], b["provider_batch_id"] or "-", b["status"], str(b["requests"]),
+            b["id"], b["tier"], b["provider_batch_id"] or "-", b["status"], str(b["requests"]),
             str(b["succeeded"]), str(b["errored"]), str(b["expired"]), str(b["canceled"]),
             str(b["ingested"]), (b["created_at"] or "")[:19],
         )  # fmt: skip
     out.print(table)
-    out.print(f"waiting to be sent: {shown['waiting']}")
+    detail = ", ".join(f"{t} {n}" for t, n in sorted(per_tier.items()) if tier in (None, t))
+    out.print(f"waiting to be sent: {shown['waiting']}" + (f" ({detail})" if detail else ""))
 
 
 @batches_app.command("run")
@@ -80,20 +101,30 @@ def run_now(
     force: Annotated[
         bool, typer.Option("--force", help="Send whatever waits, due or not.")
     ] = False,
+    tier: TierOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """One pass of what beat runs: send due requests, poll, ingest ended batches.
+    """One pass of what beat runs, for every tier with batch (or --tier): send due
+    requests, poll, ingest ended batches.
 
     Safe to run beside the fleet, and to run again after a crash."""
-    from workers.message_batches import require_backend, run
+    from workers.message_batches import Report, require_backend, run
     from workers.tasks import send_next
 
-    with _runtime(frontier=True) as rt:
+    with _runtime(tier=tier) as rt:
+        names = _batch_tiers(rt.settings, tier)
         try:
-            require_backend(rt)
+            for name in names:
+                require_backend(rt, name)
         except ConfigurationError as exc:
             raise fail(str(exc), Exit.USAGE) from None
-        report = run(rt, send_next, force=force)
+        report = Report()
+        for name in names:
+            one = run(rt, send_next, tier=name, force=force)
+            report.submitted += one.submitted
+            report.recovered += one.recovered
+            report.ingested |= one.ingested
+            report.polled += one.polled
     if as_json:
         print(json.dumps(report.as_dict()))
         return
@@ -113,7 +144,7 @@ def cancel(
     batch; then their jobs fail with the reason."""
     from workers.message_batches import cancel as cancel_batch
 
-    with _runtime(frontier=True) as rt:
+    with _runtime() as rt:
         try:
             state = cancel_batch(rt, batch)
         except ConfigurationError as exc:

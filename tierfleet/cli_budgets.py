@@ -1,4 +1,5 @@
-"""`tierfleet budgets`: daily spend caps for the frontier tier and per feature."""
+"""`tierfleet budgets`: daily spend caps per tier of the ladder, for the top rung, and per
+feature."""
 
 from __future__ import annotations
 
@@ -6,27 +7,54 @@ import json
 import math
 import re
 from decimal import Decimal, InvalidOperation
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from tierfleet.cli_common import Exit, err, fail, load_settings, open_ledger, table_console
 
+if TYPE_CHECKING:
+    from tierfleet.settings import Settings
+
 budgets_app = typer.Typer(
-    help="Daily spend caps (UTC days): `frontier` for every frontier attempt, `feature:NAME` "
-    "for every attempt of a feature. A reached cap makes new frontier attempts in its scope "
-    "wait, not fail.",
+    help="Daily spend caps (UTC days): `tier:NAME` for every attempt on a tier of the ladder, "
+    "`frontier` for every attempt on the top rung, `feature:NAME` for every attempt of a "
+    "feature. A reached cap makes new attempts in its scope wait, not fail (a feature's "
+    "cap does not hold a self-hosted vllm tier's).",
     invoke_without_command=True,
 )
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
-_SCOPE = re.compile(r"^(frontier|feature:[^\s\x00-\x1f]{1,100})$")
+_SCOPE = re.compile(r"^(frontier|feature:[^\s\x00-\x1f]{1,100}|tier:[a-z][a-z0-9_]{0,31})$")
+ScopeArg = Annotated[
+    str | None,
+    typer.Argument(
+        help="`tier:NAME`, `frontier` (the top rung) or `feature:NAME`.", show_default=False
+    ),
+]
+TierOpt = Annotated[
+    str | None,
+    typer.Option("--tier", help="A tier of the ladder: the same as the scope tier:NAME."),
+]
 
 
-def _scope(scope: str) -> str:
+def _scope(scope: str | None, tier: str | None, settings: Settings) -> str:
+    if tier is not None:
+        if scope is not None:
+            raise fail(f"give the scope {scope!r} or --tier {tier}, not both", Exit.USAGE)
+        scope = f"tier:{tier}"
+    if scope is None:
+        raise fail("give a scope (tier:NAME, frontier or feature:NAME) or --tier NAME", Exit.USAGE)
     if not _SCOPE.match(scope):
         raise fail(
-            f"scope {scope!r}: use `frontier` or `feature:NAME` (NAME without spaces)",
+            f"scope {scope!r}: use `tier:NAME`, `frontier` or `feature:NAME` (NAME without spaces)",
+            Exit.USAGE,
+        )
+    name = scope.removeprefix("tier:")
+    if scope.startswith("tier:") and name not in settings.fleet:
+        raise fail(
+            f"scope {scope!r}: no tier {name!r} in the ladder; tiers are "
+            f"{', '.join(settings.fleet.names)}",
             Exit.USAGE,
         )
     return scope
@@ -61,7 +89,7 @@ def show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         print(json.dumps({"day": str(today()), "budgets": records, "jobs_waiting": waiting}))
         return
     if not rows:
-        err.print("no budgets set (tierfleet budgets set frontier 50)")
+        err.print("no budgets set (tierfleet budgets set --tier NAME 50, or frontier 50)")
         return
     table = Table("scope", "daily cap USD", f"spent {today()} USD", "reached")
     for scope, cap, used in rows:
@@ -72,8 +100,15 @@ def show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 
 @budgets_app.command("set")
 def set_cap(
-    scope: Annotated[str, typer.Argument(help="`frontier` or `feature:NAME`.")],
-    usd: Annotated[str, typer.Argument(help="The daily cap in USD (0 stops all spend).")],
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            help="SCOPE USD, or USD alone with --tier. SCOPE: `tier:NAME`, `frontier` (the "
+            "top rung) or `feature:NAME`; USD: the daily cap (0 stops all spend).",
+            show_default=False,
+        ),
+    ],
+    tier: TierOpt = None,
 ) -> None:
     """Set (or raise, or lower) a daily cap; workers see it within seconds, and jobs
     waiting on a raised cap go on at their next look."""
@@ -81,7 +116,11 @@ def set_cap(
 
     from tierfleet.models import Budget
 
-    scope = _scope(scope)
+    settings = load_settings()
+    if len(args) not in (1, 2) or (len(args) == 1) != (tier is not None):
+        raise fail("give SCOPE USD, or --tier NAME USD", Exit.USAGE)
+    scope, usd = (None, args[0]) if len(args) == 1 else (args[0], args[1])
+    scope = _scope(scope, tier, settings)
     try:
         cap = Decimal(usd)
         if not math.isfinite(cap) or cap < 0:
@@ -90,7 +129,6 @@ def set_cap(
         raise fail(
             f"the cap must be a number of dollars, 0 or more, not {usd!r}", Exit.USAGE
         ) from None
-    settings = load_settings()
     with open_ledger(settings) as ledger, ledger.begin() as conn:
         ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(Budget)
         conn.execute(
@@ -102,14 +140,14 @@ def set_cap(
 
 
 @budgets_app.command("unset")
-def unset_cap(scope: Annotated[str, typer.Argument(help="`frontier` or `feature:NAME`.")]) -> None:
+def unset_cap(scope: ScopeArg = None, tier: TierOpt = None) -> None:
     """Remove a cap: its scope spends without a limit again."""
     from sqlalchemy import delete
 
     from tierfleet.models import Budget
 
-    scope = _scope(scope)
     settings = load_settings()
+    scope = _scope(scope, tier, settings)
     with open_ledger(settings) as ledger, ledger.begin() as conn:
         gone = conn.execute(delete(Budget).where(Budget.scope == scope)).rowcount
     if not gone:

@@ -12,7 +12,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tierfleet import constants as C
 from tierfleet.cli_common import (
     Exit,
     LogLevel,
@@ -143,9 +142,10 @@ def depth(
     as_json: JsonFlag = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh every 2 s until Ctrl-C.")] = False,
 ) -> None:
-    """Queue depth per queue: ready messages (every priority step), delivered but not yet
-    acknowledged, jobs waiting in the ledger and the oldest wait; for the small tier,
-    vLLM's waiting and running requests (when VLLM_BASE_URL is set)."""
+    """Queue depth per queue (triage, every tier's, and each batch tier's provider-batch
+    queue): ready messages (every priority step), delivered but not yet acknowledged, jobs
+    waiting in the ledger and the oldest wait; for every vllm tier, its server's waiting
+    and running requests (read from /metrics at the root of the tier's base URL)."""
     import time
 
     from rich.live import Live
@@ -181,21 +181,45 @@ def _depth_table(d: Depth) -> Table:
         table.add_row(
             q.queue, q.pool, f"{q.ready:,}", f"{q.unacked:,}", f"{q.waiting_jobs:,}", oldest
         )
-    if d.vllm is not None:
-        waiting, running = d.vllm.get("waiting", 0), d.vllm.get("running", 0)
-        table.caption = f"vLLM: {waiting:,.0f} waiting, {running:,.0f} running"
-    elif d.vllm_error:
-        table.caption = f"vLLM: not reached ({d.vllm_error})"
+    lines = []
+    for server in d.servers:
+        if server.error is not None:
+            lines.append(f"vLLM ({server.tier}): not reached ({server.error})")
+        else:
+            lines.append(
+                f"vLLM ({server.tier}): {server.waiting or 0:,.0f} waiting, "
+                f"{server.running or 0:,.0f} running"
+            )
+    if lines:
+        table.caption = "\n".join(lines)
     return table
 
 
-def scale(as_json: JsonFlag = False) -> None:
-    """Replicas each pool needs to drain its queue within TIERFLEET_SCALE_DRAIN_S, at the
-    per-worker throughput the ledger shows, within each pool's min and max."""
+def scale(
+    as_json: JsonFlag = False,
+    keda: Annotated[
+        bool,
+        typer.Option(
+            "--keda",
+            help="Print a KEDA ScaledObject per pool (triage and every tier), its listLength "
+            "from the measured throughput; reads the ledger, not Redis.",
+        ),
+    ] = False,
+) -> None:
+    """Replicas each pool (triage and every tier of the ladder) needs to drain its queues
+    within TIERFLEET_SCALE_DRAIN_S, at the per-worker throughput the ledger shows (the
+    tier's concurrency over its mean latency, or its timeout before any is measured),
+    within each pool's min and max (a tier's replicas_min and replicas_max)."""
     from workers.depth import read
-    from workers.scale import recommend
+    from workers.scale import per_worker_rates, recommend
 
     settings = load_settings()
+    if keda:
+        from workers.keda import manifests
+
+        with open_ledger(settings) as ledger:
+            print(manifests(settings, per_worker_rates(settings, ledger)), end="")
+        return
     client = _broker_client(settings)
     with open_ledger(settings) as ledger:
         recs = recommend(settings, ledger, read(settings, ledger, client, vllm=False))
@@ -223,9 +247,10 @@ def report(
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """The FinOps report: spend, jobs, cost per succeeded job, escalation rate, frontier
-    share and savings against sending everything to the frontier, per group and in all,
-    with a warning for each feature whose escalation rate passes the threshold."""
+    """The FinOps report: spend, jobs, cost per succeeded job, escalation rate, the share
+    of jobs that started on the top rung, and savings against sending everything to the
+    top rung's model, per group (feature, tier, model or batch) and in all, with a warning
+    for each feature whose escalation rate passes the threshold."""
     from tierfleet.errors import InvalidEnvelope
     from tierfleet.finops import build, parse_since
     from tierfleet.prices import PriceBook
@@ -234,14 +259,15 @@ def report(
     try:
         window = parse_since(since)
         prices = PriceBook.load(settings.prices_file)
-        frontier = prices[settings.model_for(C.TIER_FRONTIER)]
+        top = settings.fleet.top
+        top_price = prices[top.model]
     except (InvalidEnvelope, ConfigurationError) as exc:
         raise fail(str(exc), Exit.USAGE) from None
     with open_ledger(settings) as ledger:
         try:
             rep = build(
-                ledger, since=window, by=by, frontier=frontier,
-                escalation_warning=escalation_warning,
+                ledger, since=window, by=by, frontier=top_price,
+                escalation_warning=escalation_warning, ladder=settings.fleet.names,
                 batch_discounts={m: prices[m].batch_discount for m in prices.models()},
             )  # fmt: skip
         except InvalidEnvelope as exc:
@@ -257,7 +283,7 @@ def report(
         print(json.dumps(rep.to_dict()))
         return
     saved = by in ("feature", "batch")
-    table = Table(by, "spend USD", "jobs", "per succeeded job", "escalation", "frontier share",
+    table = Table(by, "spend USD", "jobs", "per succeeded job", "escalation", f"{top.name} share",
                   *(["saved USD"] if saved else []))  # fmt: skip
     for name, g in [*rep.groups.items(), ("all", rep.total)]:
         per = g.cost_per_succeeded_usd
@@ -271,7 +297,7 @@ def report(
     t = rep.total
     err.print(
         f"{rep.since:%Y-%m-%d %H:%M} to {rep.until:%Y-%m-%d %H:%M} UTC: spent ${t.spend_usd:,.4f}, "
-        f"all-frontier ${t.baseline_usd:,.4f}, saved ${t.savings_usd:,.4f} ({t.savings_pct:.1f}%)"
+        f"all-{top.name} ${t.baseline_usd:,.4f}, saved ${t.savings_usd:,.4f} ({t.savings_pct:.1f}%)"
     )
     if rep.batch_attempts:
         err.print(

@@ -4,12 +4,18 @@ From the ledger's attempts in the window (`created_at >= since`), streamed job b
 
 - spend, attempts and jobs per group (feature, tier, model or batch);
 - cost per succeeded job: the group's spend over its jobs that succeeded;
-- escalation rate: of the jobs that tried the small tier, the share that escalated;
-- frontier share: of the jobs attempted, the share whose first attempt was the frontier;
-- savings against the all-frontier counterfactual: what the same jobs would have cost
-  on the frontier model alone (a job that reached the frontier counts its frontier
-  attempts; a job answered lower down counts its first attempt's tokens at the frontier
-  model's prices), less what they cost.
+- escalation rate: of the jobs that tried a rung below the top, the share that escalated
+  from one (in the default fleet: of the small tier's jobs);
+- the rung each job started on (`started_on`), and the top-rung share (`frontier_share`,
+  named after the default fleet's top rung): of the jobs attempted, the share whose first
+  attempt was on the top rung;
+- savings against the all-top-rung counterfactual: what the same jobs would have cost
+  on the top rung's model alone (a job that reached the top rung counts its attempts
+  there; a job answered lower down counts its first attempt's tokens at the top model's
+  prices), less what they cost.
+
+The ladder (`ladder`, cheapest first) says which rung is the top; attempts on a tier no
+longer in the ladder count as below it.
 
 Message Batches savings are a line of their own: what the attempts run in provider
 batches would have cost at the standard price, less their batch price. (The
@@ -24,7 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from itertools import groupby
@@ -38,7 +44,7 @@ from tierfleet.db import Ledger, utc
 from tierfleet.errors import InvalidEnvelope
 from tierfleet.models import Attempt, Job
 from tierfleet.prices import USD_QUANTUM, ModelPrice
-from tierfleet.report import all_frontier_usd
+from tierfleet.report import all_top_usd
 
 GROUPS = ("feature", "tier", "model", "batch")
 _DURATION = re.compile(r"^(\d+)([mhdw])$")
@@ -62,7 +68,8 @@ class Figures:
     succeeded: int = 0
     tried_small: int = 0
     escalated: int = 0
-    frontier_first: int = 0
+    frontier_first: int = 0  # jobs whose first attempt was on the top rung
+    started: dict[str, int] = field(default_factory=dict)  # jobs by the rung they started on
 
     @property
     def savings_usd(self) -> Decimal:
@@ -82,6 +89,7 @@ class Figures:
 
     @property
     def frontier_share(self) -> float:
+        """The top-rung share (the default fleet's top rung is `frontier`)."""
         return self.frontier_first / self.jobs if self.jobs else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,6 +107,7 @@ class Figures:
             else str(per.quantize(Decimal("1e-8"))),
             "escalation_rate": round(self.escalation_rate, 4),
             "frontier_share": round(self.frontier_share, 4),
+            "started_on": dict(self.started),
         }
 
 
@@ -116,6 +125,11 @@ class Report:
     batch_attempts: int = 0  # attempts run in provider message batches
     batch_spend_usd: Decimal = Decimal(0)  # what they cost, at the batch price
     batch_standard_usd: Decimal = Decimal(0)  # what they would have cost one request each
+    ladder: tuple[str, ...] = C.TIER_LADDER  # cheapest first; the last is the top rung
+
+    @property
+    def top_tier(self) -> str:
+        return self.ladder[-1]
 
     @property
     def batch_savings_usd(self) -> Decimal:
@@ -126,6 +140,8 @@ class Report:
             "since": self.since.isoformat(),
             "until": self.until.isoformat(),
             "by": self.by,
+            "ladder": list(self.ladder),
+            "top_tier": self.top_tier,
             "groups": {k: v.to_dict() for k, v in self.groups.items()},
             "total": self.total.to_dict(),
             "daily_spend_usd": {
@@ -151,9 +167,13 @@ def build(
     escalation_warning: float = 0.2,
     now: dt.datetime | None = None,
     batch_discounts: Mapping[str, Decimal] | None = None,
+    ladder: Sequence[str] = C.TIER_LADDER,
 ) -> Report:
-    """`batch_discounts`: each model's batch price as a share of its standard one (the
-    frontier model's alone, when not given)."""
+    """`frontier`: the top rung's price, which the counterfactual is priced at; `ladder`:
+    the tier names, cheapest first (the default fleet's when not given);
+    `batch_discounts`: each model's batch price as a share of its standard one (the
+    top model's alone, when not given)."""
+    ladder = tuple(ladder)
     discounts = batch_discounts or {frontier.model: frontier.batch_discount}
     if by not in GROUPS:
         raise InvalidEnvelope(f"--by {by!r}: one of {', '.join(GROUPS)}")
@@ -176,23 +196,24 @@ def build(
                 n_batched += 1
                 batch_spend += a.cost_usd
                 batch_standard += (a.cost_usd / discount).quantize(USD_QUANTUM)
-        j = _job_figures(job, tried, frontier)
+        j = _job_figures(job, tried, frontier, ladder[-1])
         total.spend_usd += j.spend
         total.attempts += len(tried)
         of_feature = features[job["feature"]]
         for g in {id(x): x for x in (*touched.values(), total, of_feature)}.values():
             _count(g, j, baseline=by in ("feature", "batch") or g is total)
-    report = Report(start, until, by, dict(sorted(groups.items())), total)
+    report = Report(start, until, by, _ordered(groups, by, ladder), total, ladder=ladder)
     report.daily = {d: dict(t) for d, t in sorted(daily.items())}
     report.batch_attempts = n_batched
     report.batch_spend_usd, report.batch_standard_usd = batch_spend, batch_standard
     report.escalation_by_feature = {
         f: round(v.escalation_rate, 4) for f, v in sorted(features.items()) if v.tried_small
     }
+    lower = "small-tier" if len(ladder) <= 2 else "lower-rung"
     for f, rate in report.escalation_by_feature.items():
         if rate > escalation_warning:
             report.warnings.append(
-                f"feature {f!r}: {rate:.0%} of its small-tier jobs escalated "
+                f"feature {f!r}: {rate:.0%} of its {lower} jobs escalated "
                 f"(above {escalation_warning:.0%}): they pay for two calls"
             )
     return report
@@ -206,17 +227,21 @@ class _JobFigures:
     tried_small: bool
     escalated: bool
     frontier_first: bool
+    started: str
 
 
-def _job_figures(job: dict[str, Any], tried: list[Any], frontier: ModelPrice) -> _JobFigures:
-    top, small = C.TIER_LADDER[-1], C.TIER_LADDER[0]
+def _job_figures(
+    job: dict[str, Any], tried: list[Any], top_price: ModelPrice, top: str
+) -> _JobFigures:
+    below = [a for a in tried if a.tier != top]
     return _JobFigures(
         spend=sum((a.cost_usd for a in tried), Decimal(0)),
-        baseline=all_frontier_usd(tried, frontier, top),
+        baseline=all_top_usd(tried, top_price, top),
         succeeded=job["status"] == JobStatus.SUCCEEDED,
-        tried_small=any(a.tier == small for a in tried),
-        escalated=any(a.tier == small and a.outcome in C.ESCALATING_OUTCOMES for a in tried),
+        tried_small=bool(below),
+        escalated=any(a.outcome in C.ESCALATING_OUTCOMES for a in below),
         frontier_first=tried[0].tier == top,
+        started=str(tried[0].tier),
     )
 
 
@@ -228,8 +253,17 @@ def _count(g: Figures, j: _JobFigures, *, baseline: bool) -> None:
     g.tried_small += j.tried_small
     g.escalated += j.escalated
     g.frontier_first += j.frontier_first
+    g.started[j.started] = g.started.get(j.started, 0) + 1
     if baseline:
         g.baseline_usd += j.baseline
+
+
+def _ordered(groups: dict[str, Figures], by: str, ladder: tuple[str, ...]) -> dict[str, Figures]:
+    """By name; tiers in ladder order (cheapest first), any no longer in it after."""
+    if by != "tier":
+        return dict(sorted(groups.items()))
+    rank = {name: i for i, name in enumerate(ladder)}
+    return dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
 
 
 def _key(by: str, job: dict[str, Any], a: Any) -> str:

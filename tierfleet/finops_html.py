@@ -8,23 +8,37 @@ from html import escape
 
 from tierfleet.finops import Report
 
-_COLOURS = {"slm": "#4c78a8", "frontier": "#f58518"}
+# One colour per rung, cheapest first (the default fleet: slm blue, frontier orange); the
+# top rung is always orange, the colour of the all-top counterfactual.
+_PALETTE = ("#4c78a8", "#72b7b2", "#b279a2", "#9d755d", "#eeca3b", "#bab0ac")
+_TOP = "#f58518"
 _OTHER = "#54a24b"
 W, H, PAD = 720, 260, 48
 
 
+def _the_top(report: Report) -> str:
+    return "the frontier" if report.top_tier == "frontier" else report.top_tier
+
+
+def _colours(report: Report) -> dict[str, str]:
+    lower = report.ladder[:-1]
+    colours = {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(lower)}
+    return colours | {report.top_tier: _TOP}
+
+
 def render(report: Report) -> str:
     t = report.total
+    top = report.top_tier
     per = t.cost_per_succeeded_usd
     cards = [
         ("spend", f"${t.spend_usd:,.4f}"),
-        ("all-frontier counterfactual", f"${t.baseline_usd:,.4f}"),
+        (f"all-{top} counterfactual", f"${t.baseline_usd:,.4f}"),
         ("saved", f"${t.savings_usd:,.4f} ({t.savings_pct:.1f}%)"),
         ("saved by Message Batches", f"${report.batch_savings_usd:,.4f}"),
         ("jobs", f"{t.jobs:,}"),
         ("cost per succeeded job", "—" if per is None else f"${per:,.6f}"),
         ("escalation rate", f"{t.escalation_rate:.1%}"),
-        ("frontier share", f"{t.frontier_share:.1%}"),
+        (f"{top} share", f"{t.frontier_share:.1%}"),
     ]
     warnings = "".join(f"<li>{escape(w)}</li>" for w in report.warnings)
 
@@ -72,11 +86,11 @@ svg text {{ font: 11px system-ui, sans-serif; fill: #333; }}
 {_spend_chart(report)}
 <h2>Escalation rate by feature</h2>
 {_escalation_chart(report)}
-<h2>Savings against sending everything to the frontier</h2>
+<h2>Savings against sending everything to {escape(_the_top(report))}</h2>
 {_savings_chart(report)}
 <h2>By {escape(report.by)}</h2>
 <table><thead><tr><th>{escape(report.by)}</th><th>spend</th><th>jobs</th><th>attempts</th>
-<th>per succeeded job</th><th>escalation</th><th>frontier share</th>{saved_head}</tr></thead>
+<th>per succeeded job</th><th>escalation</th><th>{escape(top)} share</th>{saved_head}</tr></thead>
 <tbody>{rows}</tbody></table>
 </body></html>
 """
@@ -93,7 +107,9 @@ def _spend_chart(report: Report) -> str:
     days = list(report.daily)
     if not days:
         return '<p class="muted">No spend in this window.</p>'
-    tiers = sorted({t for d in report.daily.values() for t in d})
+    seen = {t for d in report.daily.values() for t in d}
+    tiers = [t for t in report.ladder if t in seen] + sorted(seen - set(report.ladder))
+    colours = _colours(report)
     top = max(sum(report.daily[d].values(), Decimal(0)) for d in days) or Decimal(1)
     slot = (W - 2 * PAD) / len(days)
     bar = min(60.0, max(2.0, slot * 0.7))
@@ -106,7 +122,7 @@ def _spend_chart(report: Report) -> str:
             v = report.daily[day].get(tier, Decimal(0))
             h = float(v / top) * (H - 2 * PAD)
             y -= h
-            colour = _COLOURS.get(tier, _OTHER)
+            colour = colours.get(tier, _OTHER)
             parts.append(
                 f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar:.1f}" height="{h:.1f}" '
                 f'fill="{colour}"><title>{escape(day)} {escape(tier)}: ${v:,.4f}</title></rect>'
@@ -114,7 +130,7 @@ def _spend_chart(report: Report) -> str:
         if len(days) <= 14 or i % max(1, len(days) // 10) == 0:
             parts.append(f'<text x="{x:.1f}" y="{H - PAD + 16}">{escape(day[5:])}</text>')
     for j, tier in enumerate(tiers):
-        colour = _COLOURS.get(tier, _OTHER)
+        colour = colours.get(tier, _OTHER)
         parts.append(
             f'<rect x="{W - PAD - 90}" y="{8 + j * 16}" width="10" height="10" fill="{colour}"/>'
         )
@@ -125,7 +141,8 @@ def _spend_chart(report: Report) -> str:
 def _escalation_chart(report: Report) -> str:
     rates = report.escalation_by_feature
     if not rates:
-        return '<p class="muted">No small-tier jobs in this window.</p>'
+        lower = "small-tier" if len(report.ladder) <= 2 else "lower-rung"
+        return f'<p class="muted">No {lower} jobs in this window.</p>'
     row = 22
     height = PAD + row * len(rates)
     left = 160
@@ -147,7 +164,7 @@ def _savings_chart(report: Report) -> str:
     t = report.total
     top = max(t.baseline_usd, t.spend_usd) or Decimal(1)
     bars = [
-        ("all on the frontier", t.baseline_usd, "#f58518"),
+        (f"all on {_the_top(report)}", t.baseline_usd, _TOP),
         ("tierfleet", t.spend_usd, "#4c78a8"),
     ]
     parts = []

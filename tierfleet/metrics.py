@@ -1,7 +1,8 @@
 """DogStatsD metrics, through the `datadog` package's client.
 
-Names live in `tierfleet.constants`; tags are `tier`, `model_name`, `model_provider`,
-`feature` and `outcome`. Without `DD_AGENT_HOST` every call is a no-op.
+Names live in `tierfleet.constants`; tags are `tier` (a tier's name from the ladder, as
+the caller gives it: no tier is named here), `model_name`, `model_provider`, `feature`
+and `outcome`. Without `DD_AGENT_HOST` every call is a no-op.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ class Metrics:
     def dead_letter(self, *, task: str, reason: str) -> None:
         self._sink.increment(C.METRIC_DEAD_LETTERS, tags=[f"task:{task}", f"reason:{reason}"])
 
-    def batch_requests(self, *, event: str, count: int) -> None:
-        """Message Batches requests, by `event`: `submitted` or `ingested`."""
+    def batch_requests(self, *, event: str, count: int, tier: str | None = None) -> None:
+        """Message Batches requests, by `event` (`submitted` or `ingested`) and `tier`."""
         if count:
-            self._sink.increment(C.METRIC_BATCH_REQUESTS, count, tags=[f"event:{event}"])
+            tags = [f"event:{event}", *([f"tier:{tier}"] if tier else [])]
+            self._sink.increment(C.METRIC_BATCH_REQUESTS, count, tags=tags)

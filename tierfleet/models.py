@@ -262,6 +262,7 @@ class ProviderBatch(Base):
     __tablename__ = "provider_batches"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tier: Mapped[str] = mapped_column(String(32))  # the rung whose requests it carries
     provider: Mapped[str] = mapped_column(String(32))
     model: Mapped[str] = mapped_column(String(200))
     provider_batch_id: Mapped[str | None] = mapped_column(String(100), unique=True)
@@ -284,18 +285,20 @@ class ProviderBatch(Base):
 
 
 class BatchRequest(Base):
-    """A batch-mode frontier attempt, collected durably until it goes out in a provider
-    batch. Its id is the attempt's id, which is the request's `custom_id`."""
+    """A batch-mode attempt on a tier with `batch`, collected durably until it goes out in
+    a provider batch of its tier. Its id is the attempt's id, which is the request's
+    `custom_id`."""
 
     __tablename__ = "batch_requests"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     job_id: Mapped[str] = mapped_column(String(64))
     seq: Mapped[int] = mapped_column(Integer)
+    tier: Mapped[str] = mapped_column(String(32))  # the rung it was collected on
     batch_id: Mapped[str | None] = mapped_column(String(64))  # its ProviderBatch, once chosen
     collected_at: Mapped[dt.datetime] = mapped_column(_now())
 
-    __table_args__ = (Index(None, "batch_id", "collected_at"),)
+    __table_args__ = (Index(None, "batch_id", "tier", "collected_at"),)
 
 
 class ApiToken(Base):

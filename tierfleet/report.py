@@ -1,8 +1,8 @@
 """Routing and cost figures for a set of jobs, read back from the ledger.
 
-`baseline_usd` is what the same jobs would have cost all on the frontier model: a job
-that ran on the frontier counts its frontier attempts; a job answered by a lower tier
-counts its first attempt's tokens at the frontier model's prices.
+`baseline_usd` is what the same jobs would have cost all on the top rung's model: a job
+that reached the top rung counts its attempts there; a job answered by a lower rung
+counts its first attempt's tokens at the top model's prices.
 """
 
 from __future__ import annotations
@@ -55,10 +55,9 @@ class Row:
         )
 
 
-def batch_report(
-    session: Session, batch_id: str, frontier: ModelPrice, frontier_tier: str
-) -> dict[str, Row]:
-    """Figures per `metadata.kind` (jobs without one are `other`) for one batch."""
+def batch_report(session: Session, batch_id: str, top: ModelPrice, top_tier: str) -> dict[str, Row]:
+    """Figures per `metadata.kind` (jobs without one are `other`) for one batch; `top` is
+    the price of the top rung (`top_tier`), which the counterfactual is priced at."""
     jobs = session.execute(
         select(Job.id, Job.status, Job.payload).where(Job.batch_id == batch_id)
     ).all()
@@ -80,21 +79,22 @@ def batch_report(
         row.first_tier[tried[0].tier] += 1
         row.escalated += len({a.tier for a in tried}) > 1
         row.cost_usd += sum((a.cost_usd for a in tried), Decimal(0))
-        row.baseline_usd += all_frontier_usd(tried, frontier, frontier_tier)
+        row.baseline_usd += all_top_usd(tried, top, top_tier)
     return dict(sorted(rows.items()))
 
 
-def all_frontier_usd(tried: Sequence[Any], frontier: ModelPrice, frontier_tier: str) -> Decimal:
-    """What one job would have cost on the frontier alone, from its attempts in order: its
-    frontier attempts if it reached the frontier, else its first attempt's tokens at the
-    frontier model's prices."""
-    on_frontier = [a for a in tried if a.tier == frontier_tier]
-    if on_frontier:
-        return sum((a.cost_usd for a in on_frontier), Decimal(0))
+def all_top_usd(tried: Sequence[Any], top: ModelPrice, top_tier: str) -> Decimal:
+    """What one job would have cost on the top rung alone, from its attempts in order: its
+    attempts on the top rung if it reached it, else its first attempt's tokens at the top
+    model's prices."""
+    on_top = [a for a in tried if a.tier == top_tier]
+    if on_top:
+        return sum((a.cost_usd for a in on_top), Decimal(0))
     first = tried[0]
-    return frontier.cost_usd(
-        Usage(input_tokens=first.input_tokens, output_tokens=first.output_tokens)
-    )
+    return top.cost_usd(Usage(input_tokens=first.input_tokens, output_tokens=first.output_tokens))
+
+
+all_frontier_usd = all_top_usd  # the default fleet's name for it
 
 
 def total(rows: dict[str, Row]) -> Row:

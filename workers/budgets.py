@@ -1,14 +1,19 @@
-"""Daily budgets: spend caps per UTC day, for the frontier tier (`frontier`) and per
+"""Daily budgets: spend caps per UTC day, for a tier of the ladder (`tier:NAME`), for the
+top rung (`frontier`: the default fleet's top tier's name, kept for any ladder) and per
 feature (`feature:NAME`).
 
-A frontier attempt checks its scopes' spend today before it calls; when a cap is reached
-the job waits, `triaged` with its `hold_reason`, and its message comes back every
-`TIERFLEET_BUDGET_RECHECK_S` (or at the next day, if sooner) until the day turns or the
-cap is raised. Every attempt's cost is added to its capped scopes in the transaction that
-books it, so the check is as current as the ledger: calls already in flight when a cap is
-crossed finish and are billed, and the overshoot is at most one call per worker thread.
-Caps live in Postgres (`tierfleet budgets set`), read by each worker every few seconds;
-with none set, nothing is read or written per attempt.
+An attempt checks its scopes' spend today before it calls, on the tiers a cap can hold:
+a tier's cap holds that tier's attempts, the top rung's (`frontier`) the top rung's, and
+a feature's cap holds the feature's attempts on every tier but a self-hosted (`vllm`)
+one, whose GPU is paid for either way (in the default fleet: on the frontier alone).
+When a cap is reached the job waits, `triaged` with its `hold_reason`, and its message
+comes back every `TIERFLEET_BUDGET_RECHECK_S` (or at the next day, if sooner) until the
+day turns or the cap is raised. Every attempt's cost is added to its capped scopes (a
+feature's spend on every tier counts) in the transaction that books it, so the check is
+as current as the ledger: calls already in flight when a cap is crossed finish and are
+billed, and the overshoot is at most one call per worker thread. Caps live in Postgres
+(`tierfleet budgets set`), read by each worker every few seconds; with none set,
+nothing is read or written per attempt.
 """
 
 from __future__ import annotations
@@ -24,15 +29,30 @@ from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
 
 from tierfleet import constants as C
+from tierfleet.fleet import Fleet
 from tierfleet.models import BudgetSpend
 from workers import sql
 
 FRONTIER_SCOPE = "frontier"
 FEATURE_PREFIX = "feature:"
+TIER_PREFIX = "tier:"
 
 
 def feature_scope(feature: str) -> str:
     return FEATURE_PREFIX + feature
+
+
+def tier_scope(tier: str) -> str:
+    return TIER_PREFIX + tier
+
+
+def describe(scope: str) -> str:
+    """A scope as a reason names it: `the frontier`, `tier 'sonnet'`, `feature 'tags'`."""
+    if scope == FRONTIER_SCOPE:
+        return "the frontier"
+    if scope.startswith(TIER_PREFIX):
+        return f"tier {scope[len(TIER_PREFIX) :]!r}"
+    return f"feature {scope[len(FEATURE_PREFIX) :]!r}"
 
 
 def today() -> dt.date:
@@ -52,11 +72,21 @@ class Hold:
 
 
 class Budgets:
-    """The caps, cached per process for `refresh_s`."""
+    """The caps, cached per process for `refresh_s`. `fleet` says which tier is the top
+    rung and which are self-hosted (without one: the default fleet's names, `frontier`
+    on top and `slm` self-hosted)."""
 
-    def __init__(self, refresh_s: float = 10.0, recheck_s: float = 60.0) -> None:
+    def __init__(
+        self, refresh_s: float = 10.0, recheck_s: float = 60.0, fleet: Fleet | None = None
+    ) -> None:
         self.refresh_s = refresh_s
         self.recheck_s = recheck_s
+        self.top = fleet.top.name if fleet else C.TIER_LADDER[-1]
+        self.self_hosted = (
+            frozenset(t.name for t in fleet if t.backend == "vllm")
+            if fleet
+            else frozenset(C.TIER_LADDER[:-1])
+        )
         self._caps: dict[str, Decimal] = {}
         self._loaded_at = -1e9
         self._lock = threading.Lock()
@@ -73,20 +103,29 @@ class Budgets:
         caps = self.caps(conn)
         if not caps:
             return []
-        out = [s for s in (feature_scope(feature),) if s in caps]
-        if tier == C.TIER_LADDER[-1] and FRONTIER_SCOPE in caps:
+        out = [s for s in (feature_scope(feature), tier_scope(tier)) if s in caps]
+        if tier == self.top and FRONTIER_SCOPE in caps:
             out.append(FRONTIER_SCOPE)
         return out
 
+    def _holding(self, scopes: list[str], tier: str) -> list[str]:
+        """Of an attempt's scopes, those that may hold it."""
+        if tier not in self.self_hosted:
+            return scopes
+        return [s for s in scopes if not s.startswith(FEATURE_PREFIX)]
+
     def may_hold(self, conn: Connection, tier: str) -> bool:
         """Could `hold` stop an attempt on `tier`? (Not while no cap is set.)"""
-        return tier == C.TIER_LADDER[-1] and bool(self.caps(conn))
+        caps = self.caps(conn)
+        if not caps:
+            return False
+        if tier not in self.self_hosted and any(s.startswith(FEATURE_PREFIX) for s in caps):
+            return True
+        return tier_scope(tier) in caps or (tier == self.top and FRONTIER_SCOPE in caps)
 
     def hold(self, conn: Connection, feature: str, tier: str) -> Hold | None:
-        """None when a frontier attempt of `feature` may spend; else why it waits."""
-        if tier != C.TIER_LADDER[-1]:
-            return None
-        scopes = self.scopes(conn, feature, tier)
+        """None when an attempt of `feature` on `tier` may spend; else why it waits."""
+        scopes = self._holding(self.scopes(conn, feature, tier), tier)
         if not scopes:
             return None
         caps = self.caps(conn)
@@ -94,9 +133,8 @@ class Budgets:
         for scope in scopes:
             used = Decimal(spent.get(scope, 0))
             if used >= caps[scope]:
-                name = "the frontier" if scope == FRONTIER_SCOPE else f"feature {scope[8:]!r}"
                 reason = (
-                    f"waiting: the daily budget of {name} is spent (${used:.4f} of "
+                    f"waiting: the daily budget of {describe(scope)} is spent (${used:.4f} of "
                     f"${caps[scope]:.4f} today); it resumes at 00:00 UTC or when the cap is "
                     f"raised (tierfleet budgets set {scope} USD)"
                 )

@@ -1,15 +1,17 @@
 """Queue depth, as the people who scale the fleet read it: per queue, the messages ready
 (every priority step summed), those delivered to a worker and not yet acknowledged, and
-how long the oldest job waiting there has waited (from the ledger); for the small tier,
-vLLM's own waiting and running requests. `publish` sends the same as DogStatsD gauges
-(beat runs it every `TIERFLEET_DEPTH_INTERVAL_S`).
+how long the oldest job waiting there has waited (from the ledger), for triage and every
+tier of the ladder (and a tier's provider-batch queue, where its requests wait to be
+sent); for every `vllm` tier, its server's own waiting and running requests (`/metrics`
+at the root of the tier's base URL). `publish` sends the same as DogStatsD gauges, tagged
+`queue`, `pool` and `tier` (beat runs it every `TIERFLEET_DEPTH_INTERVAL_S`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
@@ -19,7 +21,7 @@ from tierfleet import constants as C
 from tierfleet.constants import JobStatus
 from tierfleet.db import Ledger, utc
 from tierfleet.metrics import Metrics
-from tierfleet.models import Job
+from tierfleet.models import BatchRequest, Job
 from tierfleet.settings import Settings
 from workers.broker import held
 
@@ -35,6 +37,7 @@ class QueueDepth:
     unacked: int
     waiting_jobs: int  # jobs the ledger has waiting for this queue's step
     oldest_wait_s: float | None
+    batches: bool = False  # the tier's provider-batch queue: its waiting are collected requests
 
     @property
     def depth(self) -> int:
@@ -42,16 +45,38 @@ class QueueDepth:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerDepth:
+    """A `vllm` tier's server, as its `/metrics` reports it (or why it was not read)."""
+
+    tier: str
+    waiting: float | None = None
+    running: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Depth:
     queues: list[QueueDepth]
-    vllm: dict[str, float] | None  # waiting, running; None when not asked or not reached
-    vllm_error: str | None = None
+    servers: list[ServerDepth] = field(default_factory=list)  # every vllm tier's, when asked
+
+    @property
+    def vllm(self) -> dict[str, float] | None:
+        """The first vllm tier's reading (the default fleet's small tier), or None."""
+        first = next((s for s in self.servers if s.error is None), None)
+        if first is None or first.waiting is None or first.running is None:
+            return None
+        return {"waiting": first.waiting, "running": first.running}
+
+    @property
+    def vllm_error(self) -> str | None:
+        return next((s.error for s in self.servers if s.error), None) if not self.vllm else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "queues": [asdict(q) | {"depth": q.depth} for q in self.queues],
             "vllm": self.vllm,
             "vllm_error": self.vllm_error,
+            "servers": [asdict(s) for s in self.servers],
         }
 
 
@@ -59,48 +84,75 @@ def queues_of(settings: Settings) -> list[tuple[str, str, str | None]]:
     """(queue, pool, tier) for every job queue, in the order a job meets them."""
     return [
         (settings.queue_triage, "triage", None),
-        *((settings.queue_for(t), t, t) for t in C.TIER_LADDER),
+        *((t.queue, t.name, t.name) for t in settings.fleet),
     ]
 
 
 def read(settings: Settings, ledger: Ledger, client: redis.Redis, *, vllm: bool = True) -> Depth:
     layout = queues_of(settings)
-    broker = held(client, [q for q, _, _ in layout])
+    batch_tiers = [t for t in settings.fleet if t.batch]
+    broker = held(client, [q for q, _, _ in layout] + [t.batches_queue for t in batch_tiers])
     now = dt.datetime.now(dt.UTC)
+
+    def age(first: dt.datetime | None) -> float | None:
+        return None if first is None else max(0.0, (now - utc(first)).total_seconds())
+
     stage = case((Job.status == JobStatus.QUEUED, null()), else_=Job.tier)  # None: triage
     waiting = (
         select(stage, func.count(), func.min(Job.updated_at))
         .where(Job.status.in_([JobStatus.QUEUED, JobStatus.TRIAGED]))
         .group_by(stage)
     )
+    collected = (
+        select(BatchRequest.tier, func.count(), func.min(BatchRequest.collected_at))
+        .where(BatchRequest.batch_id.is_(None))
+        .group_by(BatchRequest.tier)
+    )
     with ledger.begin() as conn:
-        by_stage = {
-            tier: (count, None if oldest is None else utc(oldest))
-            for tier, count, oldest in conn.execute(waiting)
-        }
+        by_stage = {tier: (count, oldest) for tier, count, oldest in conn.execute(waiting)}
+        by_tier = (
+            {tier: (n, oldest) for tier, n, oldest in conn.execute(collected)}
+            if batch_tiers
+            else {}
+        )
     out = []
     for queue, pool, tier in layout:
         n, first = by_stage.get(tier, (0, None))
         out.append(
             QueueDepth(
-                queue=queue,
-                pool=pool,
-                tier=tier,
-                ready=broker.ready.get(queue, 0),
-                unacked=broker.unacked.get(queue, 0),
-                waiting_jobs=n,
-                oldest_wait_s=None if first is None else max(0.0, (now - first).total_seconds()),
+                queue=queue, pool=pool, tier=tier, ready=broker.ready.get(queue, 0),
+                unacked=broker.unacked.get(queue, 0), waiting_jobs=n, oldest_wait_s=age(first),
             )
-        )
-    gauges, error = None, None
-    if vllm and settings.vllm_base_url and not settings.use_sim_backends:
+        )  # fmt: skip
+    for t in batch_tiers:
+        n, first = by_tier.get(t.name, (0, None))
+        out.append(
+            QueueDepth(
+                queue=t.batches_queue, pool=t.name, tier=t.name,
+                ready=broker.ready.get(t.batches_queue, 0),
+                unacked=broker.unacked.get(t.batches_queue, 0), waiting_jobs=n,
+                oldest_wait_s=age(first), batches=True,
+            )
+        )  # fmt: skip
+    return Depth(out, read_servers(settings) if vllm else [])
+
+
+def read_servers(settings: Settings) -> list[ServerDepth]:
+    """Every `vllm` tier's server queue; an unreachable server is a reading, not a failure."""
+    out = []
+    for tier in settings.fleet:
+        url = settings.tier_base_url(tier)
+        if tier.backend != "vllm" or settings.simulated(tier) or not url:
+            continue
         try:
             from workers.backends.vllm import read_vllm_metrics
 
-            gauges = read_vllm_metrics(settings.vllm_base_url)
-        except Exception as exc:  # an unreachable vLLM is a reading, not a failure
-            error = f"{type(exc).__name__}: {exc}"
-    return Depth(out, gauges, error)
+            gauges = read_vllm_metrics(url)
+        except Exception as exc:  # any failure to read is reported, not raised
+            out.append(ServerDepth(tier.name, error=f"{type(exc).__name__}: {exc}"))
+            continue
+        out.append(ServerDepth(tier.name, gauges.get("waiting", 0.0), gauges.get("running", 0.0)))
+    return out
 
 
 def publish(depth: Depth, metrics: Metrics) -> None:
@@ -109,6 +161,9 @@ def publish(depth: Depth, metrics: Metrics) -> None:
         metrics.gauge(C.METRIC_QUEUE_DEPTH, q.ready, tags)
         metrics.gauge(C.METRIC_QUEUE_UNACKED, q.unacked, tags)
         metrics.gauge(C.METRIC_QUEUE_OLDEST_S, q.oldest_wait_s or 0.0, tags)
-    if depth.vllm is not None:
-        metrics.gauge(C.METRIC_VLLM_WAITING, depth.vllm.get("waiting", 0.0), ["tier:slm"])
-        metrics.gauge(C.METRIC_VLLM_RUNNING, depth.vllm.get("running", 0.0), ["tier:slm"])
+    for s in depth.servers:
+        if s.error is not None:
+            continue
+        tags = [f"tier:{s.tier}", f"pool:{s.tier}"]
+        metrics.gauge(C.METRIC_VLLM_WAITING, s.waiting or 0.0, tags)
+        metrics.gauge(C.METRIC_VLLM_RUNNING, s.running or 0.0, tags)

@@ -246,7 +246,7 @@ def _claim_once(
             conn.execute(
                 sql.COLLECT,
                 {"id": attempt_id(job_id, claimed.seq), "job_id": job_id, "seq": claimed.seq,
-                 "collected_at": now},
+                 "tier": tier, "collected_at": now},
             )  # fmt: skip
             return dataclasses.replace(claimed, collected=True)
     return claimed

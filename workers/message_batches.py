@@ -1,13 +1,17 @@
-"""Message Batches: frontier jobs that can wait go to the provider in batches, at its
-batch price (half, for Anthropic), instead of one request each.
+"""Message Batches: jobs that can wait go to the provider in batches, at its batch price
+(half, for Anthropic), instead of one request each, on any anthropic tier of the ladder
+with `batch = true` (in the default fleet: the frontier, unless
+`TIERFLEET_MESSAGE_BATCHES=off`). Each tier's requests go out in provider batches of
+their own and are booked on that tier.
 
-The life of a batch-mode frontier attempt (a job with `latency: batch`):
+The life of a batch-mode attempt (a job with `latency: batch`, on a tier with `batch`):
 
 1. **Collected.** The claim (`workers/execute.py`) leases the job for `batch_lease_s` and
-   records a `batch_requests` row, in one transaction. No call is made; the message is
-   acked. Collected requests live in Postgres, never in a worker's memory.
-2. **Submitted.** The beat task (`tierfleet.batches`, run by a frontier worker) takes the
-   waiting requests, oldest first, once `batch_min_requests` wait or the oldest has waited
+   records a `batch_requests` row naming the tier, in one transaction. No call is made;
+   the message is acked. Collected requests live in Postgres, never in a worker's memory.
+2. **Submitted.** The beat task (`tierfleet.batches` with the tier's name, run by a worker
+   of that tier's pool on its queue `tierfleet.batches.NAME`) takes the tier's waiting
+   requests, oldest first, once `batch_min_requests` wait or the oldest has waited
    `batch_max_wait_s`; a provider batch holds at most `batch_max_requests` requests and
    `batch_max_bytes` of them. The `provider_batches` row is committed as `submitting`,
    with its requests chosen, before the create call; the provider's id is recorded after.
@@ -86,36 +90,44 @@ class Report:
         }
 
 
+def tier_of(rt: Runtime, tier: str | None) -> str:
+    """`tier`, or the top rung when None (the default fleet's frontier)."""
+    return rt.settings.fleet.tier(tier).name if tier else rt.settings.fleet.top.name
+
+
 def batch_backend(rt: Runtime, tier: str | None = None) -> BatchBackend | None:
-    backend = rt.backends.get(tier or rt.policy.ladder[-1])
+    backend = rt.backends.get(tier_of(rt, tier))
     if rt.settings.message_batches == "off" or not isinstance(backend, BatchBackend):
         return None
     return backend
 
 
-def require_backend(rt: Runtime) -> BatchBackend:
-    backend = batch_backend(rt)
+def require_backend(rt: Runtime, tier: str | None = None) -> BatchBackend:
+    backend = batch_backend(rt, tier)
     if backend is None:
+        name = tier_of(rt, tier)
         why = (
             "TIERFLEET_MESSAGE_BATCHES=off"
             if rt.settings.message_batches == "off"
-            else "the frontier backend has none (simulated models?)"
+            else f"the {name} backend has none (simulated models?)"
         )
         raise ConfigurationError(f"Message Batches are not in use: {why}")
     return backend
 
 
 def run(rt: Runtime, send: SendAttempt, *, tier: str | None = None, force: bool = False) -> Report:
-    """One pass: recover lost creates, submit what is due (`force`: whatever waits),
-    poll open batches and ingest the ended ones."""
+    """One pass for `tier` (None: the top rung): recover lost creates, submit what is due
+    (`force`: whatever waits), poll open batches and ingest the ended ones. Only that
+    tier's requests and provider batches are touched; results are booked on it."""
     report = Report()
     backend = batch_backend(rt, tier)
     if backend is None:
         return report
-    _recover_submitting(rt, backend, report, send)
-    while _submit_one(rt, backend, report, send, force=force):
+    name = tier_of(rt, tier)
+    _recover_submitting(rt, backend, name, report, send)
+    while _submit_one(rt, backend, name, report, send, force=force):
         pass
-    _poll(rt, backend, report, send)
+    _poll(rt, backend, name, report, send)
     return report
 
 
@@ -123,15 +135,23 @@ def run(rt: Runtime, send: SendAttempt, *, tier: str | None = None, force: bool 
 
 
 def _submit_one(
-    rt: Runtime, backend: BatchBackend, report: Report, send: SendAttempt, *, force: bool
+    rt: Runtime,
+    backend: BatchBackend,
+    tier: str,
+    report: Report,
+    send: SendAttempt,
+    *,
+    force: bool,
 ) -> bool:
-    """Submit one provider batch if one is due; True if one went out."""
+    """Submit one provider batch of `tier`'s requests if one is due; True if one went out."""
     settings = rt.settings
     now = _now()
     local_id = "pb_" + uuid.uuid4().hex
     with rt.ledger.begin() as conn:
         conn.execute(sql.DROP_STALE_WAITING, {"p_before": now - dt.timedelta(seconds=60)})
-        rows = conn.execute(sql.WAITING, {"p_limit": settings.batch_max_requests}).all()
+        rows = conn.execute(
+            sql.WAITING, {"p_limit": settings.batch_max_requests, "p_tier": tier}
+        ).all()
         if not rows:
             return False
         oldest_s = (now - utc(rows[0].collected_at)).total_seconds()
@@ -143,7 +163,7 @@ def _submit_one(
         conn.execute(
             insert(ProviderBatch),
             {
-                "id": local_id, "provider": getattr(backend, "provider", "unknown"),
+                "id": local_id, "tier": tier, "provider": getattr(backend, "provider", "unknown"),
                 "model": getattr(backend, "model", "unknown"), "status": SUBMITTING,
                 "requests": len(requests), "request_bytes": size,
                 "locked_until": _lock_until(rt, now), "created_at": now,
@@ -152,7 +172,7 @@ def _submit_one(
         for part in _chunks(chosen, _IN_CHUNK):
             conn.execute(sql.ASSIGN_REQUESTS, {"p_ids": part, "p_batch": local_id})
     # The intent is durable; now the provider.
-    _create(rt, backend, local_id, requests, report, send)
+    _create(rt, backend, tier, local_id, requests, report, send)
     report.submitted.append(local_id)
     return True
 
@@ -181,6 +201,7 @@ def _requests(
 def _create(
     rt: Runtime,
     backend: BatchBackend,
+    tier: str,
     local_id: str,
     requests: list[dict[str, Any]],
     report: Report,
@@ -193,18 +214,19 @@ def _create(
         # lapses, is looked for at the provider before it is sent again.
         log.warning(
             "creating a provider batch failed; it is looked for, then sent again",
-            extra={"action": "batches.create_error", "batch": local_id, "error": str(exc)},
-        )
+            extra={"action": "batches.create_error", "batch": local_id, "tier": tier,
+                   "error": str(exc)},
+        )  # fmt: skip
         return
     except PermanentError as exc:
-        _reject(rt, backend, local_id, str(exc), send)
+        _reject(rt, tier, local_id, str(exc), send)
         return
     _record_created(rt, local_id, state)
-    rt.metrics.batch_requests(event="submitted", count=len(requests))
+    rt.metrics.batch_requests(event="submitted", count=len(requests), tier=tier)
     log.info(
         "provider batch submitted",
         extra={"action": "batches.submitted", "batch": local_id, "provider_batch": state.id,
-               "requests": len(requests)},
+               "tier": tier, "requests": len(requests)},
     )  # fmt: skip
 
 
@@ -220,19 +242,17 @@ def _record_created(rt: Runtime, local_id: str, state: BatchState) -> None:
         )  # fmt: skip
 
 
-def _reject(
-    rt: Runtime, backend: BatchBackend, local_id: str, error: str, send: SendAttempt
-) -> None:
+def _reject(rt: Runtime, tier: str, local_id: str, error: str, send: SendAttempt) -> None:
     """The provider refused the batch itself: each of its requests is booked as refused
     (the fault policy fails the job with the reason)."""
     log.error(
         "the provider refused a batch",
-        extra={"action": "batches.rejected", "batch": local_id, "error": error},
+        extra={"action": "batches.rejected", "batch": local_id, "tier": tier, "error": error},
     )
     with rt.ledger.begin() as conn:
         rows = conn.execute(sql.BATCH_REQUESTS_OF, {"p_batch": local_id}).all()
     for row in rows:
-        _book(rt, row, None, local_id, _now(), send, fault=ProviderRejected(error))
+        _book(rt, tier, row, None, local_id, _now(), send, fault=ProviderRejected(error))
     with rt.ledger.begin() as conn:
         conn.execute(
             update(ProviderBatch)
@@ -242,7 +262,7 @@ def _reject(
 
 
 def _recover_submitting(
-    rt: Runtime, backend: BatchBackend, report: Report, send: SendAttempt
+    rt: Runtime, backend: BatchBackend, tier: str, report: Report, send: SendAttempt
 ) -> None:
     """Provider batches left `submitting` past their lock: the create's answer was lost.
     The batch is looked for at the provider (created since, of the same size, not one we
@@ -253,6 +273,7 @@ def _recover_submitting(
             update(ProviderBatch)
             .where(
                 _pb.status == SUBMITTING,
+                _pb.tier == tier,
                 _pb.locked_until < now,
             )
             .values(locked_until=_lock_until(rt, now))
@@ -284,18 +305,18 @@ def _recover_submitting(
             with rt.ledger.begin() as conn:
                 rows = conn.execute(sql.BATCH_REQUESTS_OF, {"p_batch": row.id}).all()
             requests, _ = _requests(backend, rows, None)
-            _create(rt, backend, row.id, requests, report, send)
+            _create(rt, backend, tier, row.id, requests, report, send)
         report.recovered.append(row.id)
 
 
 # --- poll and ingest -----------------------------------------------------------------------
 
 
-def _poll(rt: Runtime, backend: BatchBackend, report: Report, send: SendAttempt) -> None:
+def _poll(rt: Runtime, backend: BatchBackend, tier: str, report: Report, send: SendAttempt) -> None:
     with rt.ledger.begin() as conn:
         open_ = conn.execute(
             select(_pb.id, _pb.provider_batch_id)
-            .where(_pb.status.in_(OPEN), _pb.provider_batch_id.is_not(None))
+            .where(_pb.status.in_(OPEN), _pb.tier == tier, _pb.provider_batch_id.is_not(None))
             .order_by(_pb.created_at)
         ).all()
     for local_id, provider_id in open_:
@@ -326,20 +347,23 @@ def _poll(rt: Runtime, backend: BatchBackend, report: Report, send: SendAttempt)
 def ingest(
     rt: Runtime, backend: BatchBackend, local_id: str, provider_id: str, send: SendAttempt
 ) -> int:
-    """Book every result of an ended batch not booked yet; the number booked now."""
+    """Book every result of an ended batch not booked yet, on the batch's tier; the number
+    booked now."""
     with rt.ledger.begin() as conn:
-        submitted_at = conn.execute(select(_pb.submitted_at).where(_pb.id == local_id)).scalar_one()
+        tier, submitted_at = conn.execute(
+            select(_pb.tier, _pb.submitted_at).where(_pb.id == local_id)
+        ).one()
     started = utc(submitted_at) if submitted_at is not None else _now()
     booked = 0
     for chunk in _chunks_of(backend.batch_results(provider_id), _INGEST_CHUNK):
-        booked += _ingest_chunk(rt, local_id, started, chunk, send)
+        booked += _ingest_chunk(rt, tier, local_id, started, chunk, send)
         _lock(rt, local_id, renew=True)
     # requests the provider sent no result for: a fault, retried like one
     with rt.ledger.begin() as conn:
         missing = conn.execute(sql.UNBOOKED_OF, {"p_batch": local_id}).all()
     for row in missing:
         fault = ProviderUnavailable(f"{provider_id}: the batch's results have none for it")
-        _book(rt, row, None, local_id, started, send, fault=fault)
+        _book(rt, tier, row, None, local_id, started, send, fault=fault)
         booked += 1
     with rt.ledger.begin() as conn:
         conn.execute(
@@ -350,17 +374,18 @@ def ingest(
                 locked_until=None,
             )
         )  # fmt: skip
-    rt.metrics.batch_requests(event="ingested", count=booked)
+    rt.metrics.batch_requests(event="ingested", count=booked, tier=tier)
     log.info(
         "provider batch ingested",
         extra={"action": "batches.ingested", "batch": local_id, "provider_batch": provider_id,
-               "booked": booked},
+               "tier": tier, "booked": booked},
     )  # fmt: skip
     return booked
 
 
 def _ingest_chunk(
     rt: Runtime,
+    tier: str,
     local_id: str,
     started: dt.datetime,
     chunk: list[tuple[str, Any]],
@@ -382,13 +407,14 @@ def _ingest_chunk(
                        "custom_id": custom_id},
             )  # fmt: skip
             continue
-        _book(rt, row, result, local_id, started, send)
+        _book(rt, tier, row, result, local_id, started, send)
         booked += 1
     return booked
 
 
 def _book(
     rt: Runtime,
+    tier: str,
     row: Any,
     result: Any,
     local_id: str,
@@ -397,7 +423,6 @@ def _book(
     *,
     fault: TierfleetError | None = None,
 ) -> None:
-    tier = rt.policy.ladder[-1]
     step = book_batch_result(rt, tier, BatchResult(row, result, local_id, started, fault))
     if step is not None:
         send(rt, row.job_id, step)
@@ -448,13 +473,18 @@ def _chunks_of(items: Iterator[tuple[str, Any]], n: int) -> Iterator[list[tuple[
 # --- what the CLI shows and does ------------------------------------------------------------
 
 
-def listing(rt: Runtime, *, limit: int = 50) -> dict[str, Any]:
-    """The provider batches, newest first, and what waits to be sent."""
+def listing(rt: Runtime, *, limit: int = 50, tier: str | None = None) -> dict[str, Any]:
+    """The provider batches, newest first, each with its tier, and how many requests wait
+    to be sent (`tier`: that tier's alone)."""
+    query = select(ProviderBatch).order_by(_pb.created_at.desc()).limit(limit)
+    if tier is not None:
+        query = query.where(_pb.tier == tier)
     with rt.ledger.begin() as conn:
-        rows = conn.execute(select(ProviderBatch).order_by(_pb.created_at.desc()).limit(limit))
+        rows = conn.execute(query)
         batches = [
             {
-                "id": r.id, "provider_batch_id": r.provider_batch_id, "status": r.status,
+                "id": r.id, "tier": r.tier, "provider_batch_id": r.provider_batch_id,
+                "status": r.status,
                 "model": r.model, "requests": r.requests, "bytes": r.request_bytes,
                 "succeeded": r.succeeded, "errored": r.errored, "expired": r.expired,
                 "canceled": r.canceled, "ingested": r.ingested,
@@ -463,22 +493,32 @@ def listing(rt: Runtime, *, limit: int = 50) -> dict[str, Any]:
             }
             for r in rows
         ]  # fmt: skip
-        waiting = conn.execute(sql.WAITING_COUNT).scalar_one()
+    by_tier = waiting_by_tier(rt)
+    waiting = by_tier.get(tier, 0) if tier is not None else sum(by_tier.values())
     return {"waiting": waiting, "batches": batches}
 
 
+def waiting_by_tier(rt: Runtime) -> dict[str, int]:
+    """Requests waiting to be sent, per tier."""
+    with rt.ledger.begin() as conn:
+        return {str(tier): int(n) for tier, n in conn.execute(sql.WAITING_COUNT)}
+
+
 def cancel(rt: Runtime, batch: str) -> BatchState:
-    """Ask the provider to cancel a batch (ours or the provider's id). Requests not yet
-    run come back `canceled`, and are collected again once (see the module's notes)."""
-    backend = require_backend(rt)
+    """Ask the provider to cancel a batch (ours or the provider's id), through its tier's
+    backend. Requests not yet run come back `canceled`, and are collected again once (see
+    the module's notes)."""
+    if rt.settings.message_batches == "off":
+        require_backend(rt)  # names TIERFLEET_MESSAGE_BATCHES=off
     with rt.ledger.begin() as conn:
         row = conn.execute(
-            select(_pb.id, _pb.provider_batch_id, _pb.status).where(
+            select(_pb.id, _pb.tier, _pb.provider_batch_id, _pb.status).where(
                 (_pb.id == batch) | (_pb.provider_batch_id == batch)
             )
         ).first()
     if row is None or row.provider_batch_id is None:
         raise PermanentError(f"no provider batch {batch!r} (see `tierfleet batches`)")
+    backend = require_backend(rt, row.tier if row.tier in rt.settings.fleet else None)
     if row.status not in OPEN:
         raise PermanentError(f"provider batch {batch!r} is {row.status}: nothing to cancel")
     state = backend.cancel_batch(row.provider_batch_id)

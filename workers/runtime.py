@@ -91,7 +91,7 @@ class Runtime:
             ),
             celery=celery,
             owns_ledger=ledger is None,
-            budgets=Budgets(recheck_s=settings.budget_recheck_s),
+            budgets=Budgets(recheck_s=settings.budget_recheck_s, fleet=fleet),
         )
 
     def close(self) -> None:

@@ -205,7 +205,7 @@ EXTEND_LEASE = (
 )
 
 INSERT_ATTEMPT = insert(Attempt)
-# A batch-mode frontier attempt, collected for the next provider batch.
+# A batch-mode attempt, collected for the next provider batch of its tier.
 COLLECT = insert(BatchRequest)
 # Did a booking whose commit lost its reply land? (read on a retry only)
 ATTEMPT_BOOKED = select(Attempt.outcome, Attempt.started_at).where(Attempt.id == _p("p_id"))
@@ -343,20 +343,23 @@ _REQUEST_AND_JOB = (
     .label("spend_cap_usd"),
 )  # fmt: skip
 _STILL_WAITING = and_(Job.status == _RUNNING, Job.attempt_count == _br.seq)
-# Waiting for a provider batch, oldest first; locked, skipping what another submitter holds.
+# A tier's requests waiting for a provider batch, oldest first; locked, skipping what
+# another submitter holds.
 WAITING = (
     select(*_REQUEST_AND_JOB)
     .join(Job, Job.id == _br.job_id)
-    .where(_br.batch_id.is_(None), _STILL_WAITING)
+    .where(_br.batch_id.is_(None), _br.tier == _p("p_tier"), _STILL_WAITING)
     .order_by(_br.collected_at)
     .limit(bindparam("p_limit"))
     .with_for_update(of=BatchRequest, skip_locked=True)
 )
+# Requests waiting for a provider batch, per tier.
 WAITING_COUNT = (
-    select(func.count())
+    select(_br.tier, func.count())
     .select_from(BatchRequest)
     .join(Job, Job.id == _br.job_id)
     .where(_br.batch_id.is_(None), _STILL_WAITING)
+    .group_by(_br.tier)
 )
 BATCH_REQUESTS_OF = (
     select(*_REQUEST_AND_JOB).join(Job, Job.id == _br.job_id).where(_br.batch_id == _p("p_batch"))
