@@ -186,6 +186,7 @@ def _openai(settings: Settings, tier: Tier, max_connections: int) -> ModelBacken
         tier=tier.name,
         api_key=settings.tier_api_key(tier),
         max_connections=max_connections,
+        provider=tier.backend,
     )
 
 

@@ -43,10 +43,11 @@ class VLLMBackend:
         tier: str = "slm",
         max_connections: int = 64,
         api_key: str | None = None,
+        provider: str = PROVIDER,  # "openai" on an openai tier: what its attempts are booked as
     ) -> None:
         self.tier = tier
         self.model = model
-        self.provider = PROVIDER
+        self.provider = provider
         self.base_url = base_url
         self._client = openai.OpenAI(
             base_url=base_url,
@@ -59,7 +60,7 @@ class VLLMBackend:
         return f"VLLMBackend(base_url={self.base_url!r}, model={self.model!r})"
 
     def complete(self, job: JobSpec, *, timeout_s: float) -> Completion:
-        with sdk_faults(PROVIDER, openai, timeout_s):
+        with sdk_faults(self.provider, openai, timeout_s):
             response = self._client.chat.completions.create(
                 model=self.model,
                 messages=_messages(job),  # type: ignore[arg-type]
