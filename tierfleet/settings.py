@@ -9,8 +9,9 @@ Secrets (`ANTHROPIC_API_KEY`, passwords inside `DATABASE_URL` / `REDIS_URL`) are
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Self
 from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
 
 from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator, model_validator
@@ -164,6 +165,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _the_ladder(self) -> Settings:
+        self._build_ladder()
+        return self
+
+    def _build_ladder(self) -> None:
         try:
             fleet = load_fleet(self.fleet_file) if self.fleet_file else default_fleet(self)
         except ConfigurationError as exc:
@@ -175,7 +180,6 @@ class Settings(BaseSettings):
                     f"TIERFLEET_PINNED_FEATURES: feature {feature!r} is pinned to unknown "
                     f"tier {tier!r}; tiers are {', '.join(fleet.names)}"
                 )
-        return self
 
     @field_validator("database_url")
     @classmethod
@@ -235,6 +239,14 @@ class Settings(BaseSettings):
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         return cls(**overrides)  # type: ignore[arg-type]
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with `update` applied, its ladder built again from the copy's values (the
+        default ladder's timeouts, concurrency, scale limits and batches follow them)."""
+        copy = super().model_copy(update=update, deep=deep)
+        if update:
+            copy._build_ladder()
+        return copy
 
     # -- derived -------------------------------------------------------------
 

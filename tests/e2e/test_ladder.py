@@ -144,7 +144,7 @@ class Pools:
 
 @pytest.fixture
 def start_ladder(
-    settings: Settings,
+    settings: Settings,  # the test services' environment, for the client's settings
     ledger: Ledger,
     start_workers: Callable[..., Workers],
 ) -> Iterator[Callable[..., tuple[Client, Pools]]]:
