@@ -197,7 +197,8 @@ class Workers:
 def start_workers(fleet_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Workers]]:
     started: list[Workers] = []
 
-    def start(*pools: str, concurrency: int = 4, **env: str) -> Workers:
+    def start(*pools: str, concurrency: int = 4, fleet: Path | None = None, **env: str) -> Workers:
+        """`tierfleet worker --pool POOL` for each pool (`--fleet FILE` when given)."""
         log = tmp_path / f"workers-{len(started)}.log"
         handle = log.open("wb")
         procs = [
@@ -211,6 +212,7 @@ def start_workers(fleet_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
                     pool,
                     "--concurrency",
                     str(concurrency),
+                    *(["--fleet", str(fleet)] if fleet is not None else []),
                 ],
                 env={**fleet_env, **env},
                 stdout=handle,

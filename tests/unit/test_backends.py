@@ -6,6 +6,7 @@ import copy
 import datetime as dt
 import email.utils
 import json
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -248,3 +249,30 @@ def test_a_body_that_is_not_json_is_a_malformed_response() -> None:
             sdk_faults(provider, sdk, 1.0),
         ):
             json.loads('{"id": "msg_1", "content": [')  # what the SDK does with a cut body
+
+
+def test_each_tier_is_booked_as_its_own_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OpenAI-compatible tier's attempts say `openai`, a vLLM tier's `vllm`, whatever
+    client class serves them."""
+    from tierfleet.settings import Settings
+    from workers.runtime import make_backends
+
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[[tier]]\nname = "small"\nbackend = "vllm"\nmodel = "m1"\n'
+        'base_url = "http://127.0.0.1:9/v1"\n\n'
+        '[[tier]]\nname = "big"\nbackend = "openai"\nmodel = "m2"\n'
+        'base_url = "http://127.0.0.1:9/v1"\n'
+    )
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    backends = make_backends(Settings.from_env(fleet_file=fleet), ["small", "big"])
+    try:
+        assert {name: b.provider for name, b in backends.items()} == {
+            "small": "vllm",
+            "big": "openai",
+        }
+    finally:
+        for backend in backends.values():
+            backend.close()  # type: ignore[attr-defined]

@@ -101,3 +101,13 @@ def test_empty_variables_count_as_unset(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("ANTHROPIC_API_KEY", "")
     settings = Settings.from_env()
     assert settings.vllm_base_url is None and settings.use_sim_backends
+
+
+def test_a_copy_with_changes_has_a_ladder_built_from_them() -> None:
+    settings = Settings.from_env()
+    copy = settings.model_copy(
+        update={"slm_timeout_base_s": 0.3, "slm_timeout_per_token_s": 0.0, "scale_slm_max": 4}
+    )
+    assert copy.fleet.tier("slm").timeout_for(512) == 0.3
+    assert copy.fleet.tier("slm").replicas_max == 4
+    assert settings.fleet.tier("slm").timeout_for(512) > 0.3  # the original keeps its own
