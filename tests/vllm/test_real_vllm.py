@@ -19,6 +19,7 @@ import math
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -252,25 +253,26 @@ def test_the_fleet_books_every_answer_and_escalates_the_cut_off_ones(
 def test_depth_reads_vllms_own_queue(
     fleet_env: dict[str, str], vllm_server: VLLMServer, database_url: str
 ) -> None:
-    """A burst of twice the server's batch: `tierfleet depth` shows requests running and
-    waiting in vLLM, then none once they are answered."""
-    burst = 2 * MAX_NUM_SEQS
-    done = threading.Barrier(burst + 1)
+    """Twice as many clients as the server's batch, each asking again as soon as it is
+    answered: `tierfleet depth` shows requests running and waiting in vLLM, then none."""
+    stop = threading.Event()
+    deadline = time.monotonic() + 150  # the load stops by itself
     errors: list[BaseException] = []
 
     def ask() -> None:
-        try:
-            httpx2.post(
-                f"{vllm_server.base_url}/chat/completions",
-                json={"model": vllm_server.model, "max_tokens": 600, "ignore_eos": True,
-                      "messages": [{"role": "user", "content": "Write at length"}]},
-                timeout=300,
-            ).raise_for_status()  # fmt: skip
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-        done.wait()
+        with httpx2.Client(timeout=120) as http:
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    http.post(
+                        f"{vllm_server.base_url}/chat/completions",
+                        json={"model": vllm_server.model, "max_tokens": 400, "ignore_eos": True,
+                              "messages": [{"role": "user", "content": "Write at length"}]},
+                    ).raise_for_status()  # fmt: skip
+                except BaseException as exc:  # reported below
+                    errors.append(exc)
+                    return
 
-    def depth() -> dict[str, Any]:
+    def depth() -> dict[str, float]:
         out = subprocess.run(
             [sys.executable, "-m", "tierfleet", "depth", "--json"],
             env={**fleet_env, "TIERFLEET_BACKEND": "real", "VLLM_BASE_URL": vllm_server.base_url},
@@ -280,20 +282,21 @@ def test_depth_reads_vllms_own_queue(
         assert reading["vllm_error"] is None, reading
         return dict(reading["vllm"])
 
-    assert read_vllm_metrics(vllm_server.base_url) == {"waiting": 0.0, "running": 0.0}
-    threads = [threading.Thread(target=ask, daemon=True) for _ in range(burst)]
-    for thread in threads:
-        thread.start()
-
-    def full() -> dict[str, float] | None:
-        reading = read_vllm_metrics(vllm_server.base_url)
+    def busy() -> dict[str, float] | None:
+        reading = depth()
         return reading if reading["running"] and reading["waiting"] else None
 
-    busy = wait_until(full, timeout_s=60, what="vLLM running and waiting requests")
-    assert busy["running"] <= MAX_NUM_SEQS
-    seen = depth()  # the command, while the burst is still being answered
-    assert seen["running"] + seen["waiting"] > 0, seen
-    done.wait(300)
-    assert errors == []
     assert depth() == {"waiting": 0.0, "running": 0.0}
+    clients = [threading.Thread(target=ask, daemon=True) for _ in range(2 * MAX_NUM_SEQS)]
+    for thread in clients:
+        thread.start()
+    try:
+        seen = wait_until(busy, timeout_s=120, what="vLLM's requests running and waiting")
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(130)
+    assert errors == []
+    assert 0 < seen["running"] <= MAX_NUM_SEQS and seen["waiting"] > 0
+    assert read_vllm_metrics(vllm_server.base_url) == {"waiting": 0.0, "running": 0.0}
     FIGURES["depth_while_busy"] = seen
