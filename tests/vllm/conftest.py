@@ -172,7 +172,13 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if FIGURES:
-        terminalreporter.section("vLLM figures")
-        for key, value in FIGURES.items():
-            terminalreporter.write_line(f"{key}: {value}")
+    if not FIGURES:
+        return
+    terminalreporter.section("vLLM figures")
+    for key, value in FIGURES.items():
+        terminalreporter.write_line(f"{key}: {value}")
+    log = Path(FIGURES["server_log"]) if "server_log" in FIGURES else None
+    failed = terminalreporter.stats.get("failed") or terminalreporter.stats.get("error")
+    if failed and log is not None and log.exists():
+        terminalreporter.section("vLLM server log (last lines)")
+        terminalreporter.write_line(_tail(log, 80))
