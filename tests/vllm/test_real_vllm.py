@@ -31,7 +31,13 @@ import pytest
 from tests.conftest import FAKE_API_KEY, ROOT, Workers, wait_until
 from tests.e2e.test_fleet import all_terminal, hand_priced
 from tests.integration.test_real_backends import make_runtime, run, submit, view
-from tests.vllm.conftest import FIGURES, MAX_NUM_SEQS, STARTUP_DEADLINE_S, VLLMServer
+from tests.vllm.conftest import (
+    FIGURES,
+    MAX_NUM_SEQS,
+    SLM_TIMEOUT_BASE_S,
+    STARTUP_DEADLINE_S,
+    VLLMServer,
+)
 from tierfleet.constants import JobStatus
 from tierfleet.db import Ledger
 from tierfleet.envelope import parse_envelope
@@ -129,7 +135,7 @@ def rt(
             "anthropic_base_url": fake_anthropic.base_url,
         }
     )
-    runtime = make_runtime(real, ledger)
+    runtime = make_runtime(real, ledger, slm_timeout_base_s=SLM_TIMEOUT_BASE_S)
     yield runtime
     runtime.close()
     runtime.celery.close()
@@ -184,6 +190,7 @@ def test_the_fleet_books_every_answer_and_escalates_the_cut_off_ones(
         "TIERFLEET_BACKEND": "real",
         "TIERFLEET_MESSAGE_BATCHES": "off",
         "VLLM_BASE_URL": vllm_server.base_url,
+        "TIERFLEET_SLM_TIMEOUT_BASE_S": str(SLM_TIMEOUT_BASE_S),
         "ANTHROPIC_API_KEY": FAKE_API_KEY,
         "ANTHROPIC_BASE_URL": fake_anthropic.base_url,
     }
