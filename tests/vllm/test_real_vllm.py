@@ -272,7 +272,7 @@ def test_depth_reads_vllms_own_queue(
                 try:
                     http.post(
                         f"{vllm_server.base_url}/chat/completions",
-                        json={"model": vllm_server.model, "max_tokens": 200, "ignore_eos": True,
+                        json={"model": vllm_server.model, "max_tokens": 600, "ignore_eos": True,
                               "messages": [{"role": "user", "content": "Write at length"}]},
                     ).raise_for_status()  # fmt: skip
                 except BaseException as exc:  # reported below
@@ -289,8 +289,8 @@ def test_depth_reads_vllms_own_queue(
         assert reading["vllm_error"] is None, reading
         return dict(reading["vllm"])
 
-    def busy() -> dict[str, float] | None:
-        reading = depth()
+    def full() -> dict[str, float] | None:
+        reading = read_vllm_metrics(vllm_server.base_url)
         return reading if reading["running"] and reading["waiting"] else None
 
     assert depth() == {"waiting": 0.0, "running": 0.0}
@@ -298,12 +298,14 @@ def test_depth_reads_vllms_own_queue(
     for thread in clients:
         thread.start()
     try:
-        seen = wait_until(busy, timeout_s=120, what="vLLM's requests running and waiting")
+        first = wait_until(full, timeout_s=60, what="vLLM's requests running and waiting")
+        seen = depth()  # the command, while the clients keep the batch busy
     finally:
         stop.set()
         for thread in clients:
             thread.join(130)
     assert errors == []
-    assert 0 < seen["running"] <= MAX_NUM_SEQS and seen["waiting"] > 0
+    assert 0 < first["running"] <= MAX_NUM_SEQS and first["waiting"] > 0
+    assert 0 < seen["running"] <= MAX_NUM_SEQS, seen
     assert read_vllm_metrics(vllm_server.base_url) == {"waiting": 0.0, "running": 0.0}
     FIGURES["depth_while_busy"] = seen
