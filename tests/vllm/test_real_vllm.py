@@ -30,7 +30,7 @@ import pytest
 
 from tests.conftest import FAKE_API_KEY, ROOT, Workers, wait_until
 from tests.e2e.test_fleet import all_terminal, hand_priced
-from tests.integration.test_real_backends import make_runtime, run, submit, view
+from tests.integration.test_real_backends import run, submit, view
 from tests.vllm.conftest import (
     FIGURES,
     MAX_NUM_SEQS,
@@ -42,6 +42,7 @@ from tierfleet.constants import JobStatus
 from tierfleet.db import Ledger
 from tierfleet.envelope import parse_envelope
 from tierfleet.settings import Settings
+from tierfleet.transport import make_celery
 from workers.backends.vllm import VLLMBackend, read_vllm_metrics
 from workers.execute import Next
 from workers.runtime import Runtime
@@ -126,16 +127,25 @@ def test_free_text_from_random_weights_runs_to_max_tokens(
 
 @pytest.fixture
 def rt(
-    settings: Settings, ledger: Ledger, vllm_server: VLLMServer, fake_anthropic: Any
+    settings: Settings,
+    ledger: Ledger,
+    vllm_server: VLLMServer,
+    fake_anthropic: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Runtime]:
-    real = settings.model_copy(
-        update={
-            "backend": "real",
-            "vllm_base_url": vllm_server.base_url,
-            "anthropic_base_url": fake_anthropic.base_url,
-        }
-    )
-    runtime = make_runtime(real, ledger, slm_timeout_base_s=SLM_TIMEOUT_BASE_S)
+    """A worker's runtime on the real server, its settings read from the environment as a
+    worker reads them (the ladder is built from them once)."""
+    for key, value in {
+        "TIERFLEET_BACKEND": "real",
+        "VLLM_BASE_URL": vllm_server.base_url,
+        "TIERFLEET_SLM_TIMEOUT_BASE_S": str(SLM_TIMEOUT_BASE_S),
+        "ANTHROPIC_API_KEY": FAKE_API_KEY,
+        "ANTHROPIC_BASE_URL": fake_anthropic.base_url,
+    }.items():
+        monkeypatch.setenv(key, value)
+    real = Settings.from_env()
+    assert real.fleet.tier("slm").timeout_s == SLM_TIMEOUT_BASE_S
+    runtime = Runtime.build(real, make_celery(real), ledger)
     yield runtime
     runtime.close()
     runtime.celery.close()
