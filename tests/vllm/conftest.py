@@ -31,7 +31,7 @@ STARTUP_DEADLINE_S = 420.0  # three processes import torch and vLLM on 2 cores
 # apply as they do in production.
 SERVED_MODEL = str(Settings.model_fields["slm_model"].default)
 MAX_MODEL_LEN = 1024
-MAX_NUM_SEQS = 4  # a small batch, so that a burst of requests leaves some waiting
+MAX_NUM_SEQS = 2  # a small batch, so that a burst of requests leaves some waiting
 # A CPU answers in seconds what a GPU answers in milliseconds: the small tier's call timeout
 # (2 s + 20 ms a token by default) is lifted, so that a slow answer is not a timeout.
 SLM_TIMEOUT_BASE_S = 60.0
@@ -116,6 +116,7 @@ def _server_env() -> dict[str, str]:
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
         VLLM_CPU_KVCACHE_SPACE="1",  # GiB: a million tokens of this model's KV cache
+        VLLM_CPU_OMP_THREADS_BIND="auto",  # the model's worker on one core, HTTP on the other
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -147,10 +148,6 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer
         "--max-model-len", str(MAX_MODEL_LEN),
         "--max-num-seqs", str(MAX_NUM_SEQS),
         "--enforce-eager",  # no torch.compile: starts about 40 s sooner
-        # the model runs in the engine's process, not a worker process of its own: one
-        # import of torch and vLLM fewer, about 30 s (OpenMP thread binding, which only
-        # that worker does, is moot with one thread on two cores)
-        "--distributed-executor-backend", "uni",
         "--host", "127.0.0.1",
         "--port", str(port),
     ]  # fmt: skip
