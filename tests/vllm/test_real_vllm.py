@@ -314,14 +314,21 @@ def test_depth_reads_vllms_own_queue(
         gauges = reading.vllm or {}
         return gauges if gauges.get("running") and gauges.get("waiting") else None
 
-    burst = [threading.Thread(target=ask, daemon=True) for _ in range(3 * MAX_NUM_SEQS)]
-    for thread in burst:
-        thread.start()
-    try:
-        seen = wait_until(busy, timeout_s=60, what="vLLM's requests running and waiting")
-    finally:
+    def during_a_burst() -> dict[str, float] | None:
+        """Polls while one burst is answered; the busy reading, if one was seen."""
+        burst = [threading.Thread(target=ask, daemon=True) for _ in range(3 * MAX_NUM_SEQS)]
+        for thread in burst:
+            thread.start()
+        found = None
+        while found is None and any(t.is_alive() for t in burst):
+            found = busy()
         for thread in burst:
             thread.join(180)
+        return found
+
+    # Up to three bursts: on a loaded machine a reading may be held up until one is over.
+    seen = next(filter(None, (during_a_burst() for _ in range(3))), None)
+    assert seen is not None, "no depth reading showed vLLM's requests running and waiting"
     assert errors == []
     assert 0 < seen["running"] <= MAX_NUM_SEQS and seen["waiting"] > 0
     assert depth.read(real, ledger, broker).vllm == {"waiting": 0.0, "running": 0.0}
