@@ -295,13 +295,13 @@ def test_depth_reads_vllms_own_queue(
     errors: list[BaseException] = []
 
     def ask() -> None:
-        try:
-            httpx2.post(
-                f"{vllm_server.base_url}/chat/completions",
-                json={"model": vllm_server.model, "max_tokens": 900, "ignore_eos": True,
-                      "messages": [{"role": "user", "content": "Write at length"}]},
-                timeout=180,
-            ).raise_for_status()  # fmt: skip
+        try:  # a client of its own: the module-level calls here went out one at a time
+            with httpx2.Client(timeout=180) as http:
+                http.post(
+                    f"{vllm_server.base_url}/chat/completions",
+                    json={"model": vllm_server.model, "max_tokens": 900, "ignore_eos": True,
+                          "messages": [{"role": "user", "content": "Write at length"}]},
+                ).raise_for_status()  # fmt: skip
         except BaseException as exc:  # reported below
             errors.append(exc)
 
