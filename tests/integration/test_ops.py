@@ -21,7 +21,6 @@ from tierfleet.cli import app
 from tierfleet.constants import JobStatus, Outcome
 from tierfleet.metrics import Metrics
 from tierfleet.models import Attempt, Job
-from tierfleet.settings import Settings
 from workers import depth as queue_depth
 from workers import scale
 from workers.broker import PRIORITY_SEP
@@ -99,9 +98,9 @@ def _attempts(rt: Runtime, tier: str, n: int, latency_ms: int) -> None:
 def test_recommendations_follow_depth_throughput_and_limits(
     rt: Runtime, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    s = Settings.from_env(  # built anew, so that the ladder's tiers take the numbers too
-        scale_drain_s=60.0, slm_concurrency=16, frontier_concurrency=8, scale_slm_max=4,
-        scale_frontier_min=0,
+    s = rt.settings.model_copy(
+        update={"scale_drain_s": 60.0, "slm_concurrency": 16, "frontier_concurrency": 8,
+                "scale_slm_max": 4, "scale_frontier_min": 0}
     )  # fmt: skip
     _attempts(rt, "slm", 20, 400)  # one slm worker: 16 / 0.4 s = 40 jobs/s
     _attempts(rt, "frontier", 10, 4000)  # one frontier worker: 8 / 4 s = 2 jobs/s
