@@ -36,11 +36,6 @@ from tierfleet.transport import make_celery
 pytestmark = pytest.mark.e2e
 
 ANTHROPIC_ONLY = ROOT / "examples" / "fleets" / "anthropic-only.toml"
-ANTHROPIC_ONLY_RUNGS = [  # the example's ladder, for a checkout that does not have it yet
-    {"name": "haiku", "backend": "anthropic", "model": "claude-haiku-4-5"},
-    {"name": "sonnet", "backend": "anthropic", "model": "claude-sonnet-4-6"},
-    {"name": "opus", "backend": "anthropic", "model": "claude-opus-4-6", "max_attempts": 2},
-]
 OPENAI_MODEL = "gpt-4o-mini"
 OPENAI_KEY = "sk-proj-FAKE-OPENAI-SECRET"
 OUTCOME_OF: Mapping[type, Outcome] = {
@@ -117,20 +112,6 @@ def write_ladder(
     path.write_text("\n".join(tables))
     fleet = load_fleet(path)
     return Ladder(path, fleet, dict(zip(fleet.names, fakes, strict=True)), prices)
-
-
-def prices_with_openai_model(tmp_path: Path) -> Path:
-    """The price file, with a price for OPENAI_MODEL if it does not have one yet."""
-    default = default_prices_file()
-    if OPENAI_MODEL in PriceBook.load(default):
-        return default
-    path = tmp_path / "prices.toml"
-    path.write_text(
-        default.read_text()
-        + f'\n[models."{OPENAI_MODEL}"]\nprovider = "openai"\n'
-        + "input_usd_per_mtok = 0.15\noutput_usd_per_mtok = 0.60\n"
-    )
-    return path
 
 
 @dataclass
@@ -306,10 +287,7 @@ def assert_booked_once_each(ladder: Ladder, booked: Mapping[str, Booked], worker
 
 def anthropic_only(tmp_path: Path, servers: Servers) -> Ladder:
     """examples/fleets/anthropic-only.toml with each rung on its own fake Anthropic API."""
-    if ANTHROPIC_ONLY.exists():
-        rungs = tomllib.loads(ANTHROPIC_ONLY.read_text())["tier"]
-    else:
-        rungs = ANTHROPIC_ONLY_RUNGS
+    rungs = tomllib.loads(ANTHROPIC_ONLY.read_text())["tier"]
     path = tmp_path / "anthropic-only.toml"
     return write_ladder(path, rungs, servers.anthropic, default_prices_file())
 
@@ -366,7 +344,7 @@ def mixed_ladder(tmp_path: Path, servers: Servers) -> Ladder:
          "max_attempts": 3},
     ]  # fmt: skip
     fakes: list[FakeAnthropic | FakeVLLM] = [*servers.openai, *servers.anthropic[:2]]
-    return write_ladder(tmp_path / "mixed.toml", rungs, fakes, prices_with_openai_model(tmp_path))
+    return write_ladder(tmp_path / "mixed.toml", rungs, fakes, default_prices_file())
 
 
 def test_a_four_rung_mixed_ladder_climbs_and_rides_out_faults(
