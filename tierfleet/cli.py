@@ -124,7 +124,8 @@ def worker(
     settings = load_settings(fleet)
     if pool not in pools(settings):
         names = ", ".join(pools(settings))
-        raise fail(f"--pool must be one of {names}, not {pool!r}", Exit.USAGE)
+        hint = "" if settings.fleet_file else " (another ladder's tiers: --fleet FILE)"
+        raise fail(f"--pool must be one of {names}, not {pool!r}{hint}", Exit.USAGE)
     setup_logging(loglevel)
     plan = plan_pool(settings, pool, concurrency)
     try:

@@ -66,6 +66,15 @@ def test_worker_rejects_an_unknown_pool() -> None:
     assert "--pool must be one of triage, slm, frontier, all" in result.output
 
 
+def test_a_pool_of_another_ladder_is_named_with_the_fleet_file() -> None:
+    fleet = ROOT / "examples" / "fleets" / "anthropic-only.toml"
+    result = runner.invoke(app, ["worker", "--pool", "haiku"])
+    assert result.exit_code == 2 and "(another ladder's tiers: --fleet FILE)" in result.output
+    result = runner.invoke(app, ["worker", "--pool", "slm", "--fleet", str(fleet)])
+    assert result.exit_code == 2
+    assert "--pool must be one of triage, haiku, sonnet, opus, all, not 'slm'" in result.output
+
+
 def run_demo(env: dict[str, str], jobs: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tierfleet", "demo", "--jobs", str(jobs)],
