@@ -66,6 +66,14 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+TRIAGE_REASON_CHARS = 200  # the ledger's jobs.triage_reason
+
+
+def _reason(text: str) -> str:
+    """A triage reason as the ledger holds it (a ladder's names every rung's score)."""
+    return text if len(text) <= TRIAGE_REASON_CHARS else text[: TRIAGE_REASON_CHARS - 1] + "…"
+
+
 def triage_job(rt: Runtime, job_id: str) -> Next | None:
     with rt.ledger.begin() as conn:
         row = conn.execute(sql.TRIAGE_READ, {"p_id": job_id}).one_or_none()
@@ -88,7 +96,7 @@ def triage_job(rt: Runtime, job_id: str) -> Next | None:
                 "p_id": job_id,
                 "p_tier": decision.tier,
                 "p_score": decision.score,
-                "p_reason": decision.reason,
+                "p_reason": _reason(decision.reason),
                 "p_version": decision.version,
             },
         ).scalar_one_or_none()
@@ -138,7 +146,7 @@ def triage_range(
                     "p_id": row.id,
                     "p_tier": decision.tier,
                     "p_score": decision.score,
-                    "p_reason": decision.reason,
+                    "p_reason": _reason(decision.reason),
                     "p_version": decision.version,
                 }
             )
