@@ -682,23 +682,21 @@ def _teach_router(rt: Runtime, claimed: _Claimed, tier: str, decision: Decision)
         return
     spec, score, ladder = claimed.spec, claimed.triage_score, list(rt.policy.ladder)
 
-    def failed_on(conn: Connection, rung: str) -> bool:
-        params = {"p_id": spec.id, "p_tier": rung, "p_floor": claimed.floor}
-        return bool(conn.execute(sql.SMALL_TIER_FAILED, params).scalar_one())
+    def climbed_from() -> set[str]:
+        with rt.ledger.begin() as conn:
+            params = {"p_id": spec.id, "p_floor": claimed.floor}
+            return set(conn.execute(sql.CLIMBED_FROM, params).scalars())
 
     try:
         if tier in ladder[:-1]:
             if decision.action in (Action.SUCCEED, Action.ESCALATE):
                 rung = ladder.index(tier)
-                if rung > 0:  # did the job climb here, or start here?
-                    with rt.ledger.begin() as conn:
-                        if failed_on(conn, ladder[rung - 1]):
-                            score = None
+                if rung > 0 and ladder[rung - 1] in climbed_from():  # climbed here, or started?
+                    score = None
                 router.learn(spec, tier, score, escalated=decision.action is Action.ESCALATE)
         elif decision.action is Action.FAIL and tier == ladder[-1]:
-            with rt.ledger.begin() as conn:
-                escalated = [r for r in ladder[:-1] if failed_on(conn, r)]
-            for rung_tier in escalated:
+            failed = climbed_from()
+            for rung_tier in (r for r in ladder[:-1] if r in failed):
                 router.learn_escalation_failed(spec, score, rung_tier)
     except (redis.RedisError, OSError):
         log.warning(

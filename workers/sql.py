@@ -277,11 +277,15 @@ ADD_COST = (
     .values(cost_usd=Job.cost_usd + _p("p_cost", _job.cost_usd))
 )
 # Did the small tier fail this job before it reached the frontier? (the router's label)
-SMALL_TIER_FAILED = select(func.count()).where(
-    Attempt.job_id == _p("p_id"),
-    Attempt.tier == _p("p_tier", Attempt.__table__.c.tier),
-    Attempt.seq > _p("p_floor", Attempt.__table__.c.seq),
-    Attempt.outcome.in_(list(ESCALATING_OUTCOMES)),
+# The tiers a job's answers climbed from in this run (escalating outcomes past the floor).
+CLIMBED_FROM = (
+    select(Attempt.tier)
+    .where(
+        Attempt.job_id == _p("p_id"),
+        Attempt.seq > _p("p_floor", Attempt.__table__.c.seq),
+        Attempt.outcome.in_(list(ESCALATING_OUTCOMES)),
+    )
+    .distinct()
 )
 COUNT_ABANDONED = select(func.count()).where(
     Attempt.job_id == _p("p_id"),

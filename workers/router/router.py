@@ -264,10 +264,6 @@ class LearnedRouter:
         score = prior if score is None else score
         self.memory.learn(Outcome.answer(job.feature, prior, score, escalated, tier))
 
-    def learn_small(self, job: JobSpec, score: float | None, escalated: bool) -> None:
-        """An answer on the default fleet's bottom rung (`learn` on `slm`)."""
-        self.learn(job, DEFAULT_TIER, score, escalated)
-
     def learn_escalation_failed(
         self, job: JobSpec, score: float | None, tier: str = DEFAULT_TIER
     ) -> None:
