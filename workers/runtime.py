@@ -179,56 +179,51 @@ def _simulated(settings: Settings, tier: Tier) -> SimulatedBackend:
     )
 
 
-def _openai(settings: Settings, tier: Tier, max_connections: int) -> ModelBackend:
-    """A `vllm` rung needs its server's URL; an `openai` rung without one is on OpenAI's
-    API, which needs a key (a compatible server may check none)."""
-    url = settings.tier_base_url(tier)
-    key = settings.tier_api_key(tier)
-    if tier.backend == "vllm":
-        if not url:
-            raise ConfigurationError(
-                f"tier {tier.name!r} (vllm) needs a base URL: {tier.url_env or 'base_url'} "
-                "(e.g. http://vllm:8000/v1), or TIERFLEET_BACKEND=sim for simulated models"
-            )
-        from workers.backends.vllm import VLLMBackend
-
-        return VLLMBackend(
-            base_url=url,
-            model=tier.model,
-            tier=tier.name,
-            api_key=key,
-            logprobs=tier.logprobs,
-            max_connections=max_connections,
-        )
-    from workers.backends.openai_api import OpenAIBackend
-
-    if pool_needs(tier, base_url=url, has_key=key is not None):
-        raise ConfigurationError(
-            f"tier {tier.name!r} (openai) needs {tier.api_key_env} for OpenAI's API (or a "
-            "base_url for a compatible server), or TIERFLEET_BACKEND=sim for simulated models"
-        )
-    return OpenAIBackend(
-        base_url=url,
-        model=tier.model,
-        tier=tier.name,
-        api_key=key,
-        logprobs=tier.logprobs,
-        max_connections=max_connections,
+def _endpoint(settings: Settings, tier: Tier) -> tuple[str | None, str | None]:
+    """`tier`'s base URL and key, or a `ConfigurationError` naming what its pool lacks
+    (`pool_needs`: what `tierfleet fleet show` says too)."""
+    url, key = settings.tier_base_url(tier), settings.tier_api_key(tier)
+    missing = pool_needs(tier, base_url=url, has_key=key is not None)
+    if missing is None:
+        return url, key
+    what = {
+        "vllm": f"a base URL: {missing} (e.g. http://vllm:8000/v1)",
+        "openai": f"{missing} for OpenAI's API (or a base_url for a compatible server)",
+    }.get(tier.backend, missing)
+    raise ConfigurationError(
+        f"tier {tier.name!r} ({tier.backend}) needs {what}, or TIERFLEET_BACKEND=sim for "
+        "simulated models"
     )
 
 
+def _openai(settings: Settings, tier: Tier, max_connections: int) -> ModelBackend:
+    """A `vllm` rung (the OpenAI-compatible client plus vLLM's own parts) or an `openai`
+    one: OpenAI's API, or any compatible server at its `base_url`."""
+    url, key = _endpoint(settings, tier)
+    if tier.backend == "vllm":
+        from workers.backends.vllm import VLLMBackend
+
+        assert url is not None  # a vllm rung's pool needs its URL
+        return VLLMBackend(
+            base_url=url, model=tier.model, tier=tier.name, api_key=key,
+            logprobs=tier.logprobs, max_connections=max_connections,
+        )  # fmt: skip
+    from workers.backends.openai_api import OpenAIBackend
+
+    return OpenAIBackend(
+        base_url=url, model=tier.model, tier=tier.name, api_key=key,
+        logprobs=tier.logprobs, max_connections=max_connections,
+    )  # fmt: skip
+
+
 def _anthropic(settings: Settings, tier: Tier, max_connections: int) -> ModelBackend:
-    key = settings.tier_api_key(tier)
-    if key is None:
-        raise ConfigurationError(
-            f"tier {tier.name!r} (anthropic) needs {tier.api_key_env}, or TIERFLEET_BACKEND=sim "
-            "for simulated models"
-        )
+    url, key = _endpoint(settings, tier)
+    assert key is not None  # an anthropic rung's pool needs its key
     from workers.backends.anthropic_api import AnthropicBackend
 
     return AnthropicBackend(
         api_key=key,
-        base_url=settings.tier_base_url(tier),
+        base_url=url,
         model=tier.model,
         tier=tier.name,
         prompt_cache=settings.anthropic_prompt_cache,
