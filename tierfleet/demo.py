@@ -16,6 +16,7 @@ rung of whichever ladder runs.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -98,14 +99,9 @@ def fleet_toml(fleet: Fleet) -> str:
     out = []
     for tier in fleet:
         out.append("[[tier]]")
-        for key in ("name", "backend", "model", "base_url", "queue", "concurrency", "timeout_s",
-                    "timeout_per_token_s", "context_tokens", "logprobs", "batch",
-                    "replicas_min", "replicas_max"):  # fmt: skip
-            value = getattr(tier, key)
-            if value is not None:
+        for key, value in dataclasses.asdict(tier).items():
+            if value is not None and (key != "max_attempts" or fleet.is_top(tier.name)):
                 out.append(f"{key} = {json.dumps(value)}")
-        if fleet.is_top(tier.name):
-            out.append(f"max_attempts = {tier.max_attempts}")
         out.append("")
     return "\n".join(out)
 
