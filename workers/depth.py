@@ -115,25 +115,19 @@ def read(settings: Settings, ledger: Ledger, client: redis.Redis, *, vllm: bool 
             if batch_tiers
             else {}
         )
-    out = []
-    for queue, pool, tier in layout:
-        n, first = by_stage.get(tier, (0, None))
-        out.append(
-            QueueDepth(
-                queue=queue, pool=pool, tier=tier, ready=broker.ready.get(queue, 0),
-                unacked=broker.unacked.get(queue, 0), waiting_jobs=n, oldest_wait_s=age(first),
-            )
-        )  # fmt: skip
-    for t in batch_tiers:
-        n, first = by_tier.get(t.name, (0, None))
-        out.append(
-            QueueDepth(
-                queue=t.batches_queue, pool=t.name, tier=t.name,
-                ready=broker.ready.get(t.batches_queue, 0),
-                unacked=broker.unacked.get(t.batches_queue, 0), waiting_jobs=n,
-                oldest_wait_s=age(first), batches=True,
-            )
-        )  # fmt: skip
+    none = (0, None)
+    rows = [(q, pool, tier, False, by_stage.get(tier, none)) for q, pool, tier in layout]
+    rows += [
+        (t.batches_queue, t.name, t.name, True, by_tier.get(t.name, none)) for t in batch_tiers
+    ]
+    out = [
+        QueueDepth(
+            queue=queue, pool=pool, tier=tier, ready=broker.ready.get(queue, 0),
+            unacked=broker.unacked.get(queue, 0), waiting_jobs=n, oldest_wait_s=age(first),
+            batches=batches,
+        )
+        for queue, pool, tier, batches, (n, first) in rows
+    ]  # fmt: skip
     return Depth(out, read_servers(settings) if vllm else [])
 
 
